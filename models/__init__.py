@@ -1,0 +1,1 @@
+"""Networks and the diffusion math: the frozen feature extractor, the LFDN, the schedule, EMA."""

@@ -1,0 +1,107 @@
+"""All of the diffusion math: schedule, noising, x0 loss, partial DDIM reconstruction (REFERENCE §4-5).
+
+The network is passed in as an argument and only ever sees ``(x, t)``. Everything here works
+for any tensor shape ``(B, ...)``; time coefficients are broadcast over the trailing dims.
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+INDEXING = ("release", "consistent")
+
+
+class GaussianDiffusion:
+    """The "linear" schedule of latent-diffusion: betas = linspace(sqrt(b0), sqrt(b1), T) ** 2, float64."""
+
+    def __init__(self, timesteps: int = 100, linear_start: float = 0.0015, linear_end: float = 0.0195):
+        self.timesteps = timesteps
+        self.linear_start = linear_start
+        self.linear_end = linear_end
+        self.betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar, (T,)
+
+    def _coef(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t] reshaped to (B, 1, ..., 1) to broadcast against ``like`` (B, ...)."""
+        out = values.to(like.device)[t].to(like.dtype)
+        return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise. x0, noise: (B, ...), t: (B,) long."""
+        abar = self.alphas_cumprod
+        return self._coef(abar.sqrt(), t, x0) * x0 + self._coef((1 - abar).sqrt(), t, x0) * noise
+
+    def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Mean over batch and dims of (model(z_t, t) - x0)^2: the network predicts x0."""
+        pred = model(self.q_sample(x0, t, noise), t)  # (B, ...)
+        return (pred.float() - x0.float()).pow(2).mean()
+
+    @torch.no_grad()
+    def reconstruct(self, model: Denoiser, x0: torch.Tensor, steps: int = 3, eta: float = 1.0,
+                    generator: Optional[torch.Generator] = None, indexing: str = "release") -> torch.Tensor:
+        """Noise ``x0`` lightly and denoise it with the first ``steps`` DDIM steps of a 1-step grid.
+
+        x0: (B, ...) -> reconstruction (B, ...). Random draws, in order, from ``generator``: the
+        starting noise, then one ``z`` per step whose sigma is non-zero.
+
+        indexing="release" (default) reproduces the authors' code, off-by-one included: noising
+        and the network use abar[s] with s = i + 1, the DDIM coefficients abar[i] and abar[i-1]
+        (abar[0] for i = 0), and the result is the final x. Its last step (i = 0) has
+        a = a_prev and sigma = 0, which makes the update x <- x exactly whatever the network
+        says, so that network call is not made.
+
+        indexing="consistent" uses one abar for everything: start at abar[steps - 1], step
+        s = steps-1 .. 0 with a = abar[s], a_prev = abar[s-1] (1.0 at s = 0), so the last step
+        returns the network's x0 prediction.
+        """
+        if indexing not in INDEXING:
+            raise ValueError(f"indexing must be one of {INDEXING}, got {indexing!r}")
+        if not 1 <= steps <= self.timesteps - (indexing == "release"):
+            raise ValueError(f"steps must be in 1..{self.timesteps - (indexing == 'release')}, got {steps}")
+        abar = self.alphas_cumprod.tolist()
+        if indexing == "release":
+            start = steps
+            plan = [(i + 1, abar[i], abar[i - 1] if i > 0 else abar[0]) for i in reversed(range(steps))]
+        else:
+            start = steps - 1
+            plan = [(s, abar[s], abar[s - 1] if s > 0 else 1.0) for s in reversed(range(steps))]
+
+        def randn() -> torch.Tensor:
+            return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+        x = math.sqrt(abar[start]) * x0 + math.sqrt(1 - abar[start]) * randn()  # (B, ...)
+        for s, a, a_prev in plan:
+            if a_prev == a:
+                continue
+            x0_hat = model(x, torch.full((x.shape[0],), s, dtype=torch.long, device=x.device)).to(x.dtype)
+            eps_hat = (x / math.sqrt(abar[s]) - x0_hat) / math.sqrt(1 / abar[s] - 1)
+            sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+            pred = (x - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
+            x = math.sqrt(a_prev) * pred + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps_hat
+            if sigma > 0:
+                x = x + sigma * randn()
+        return x
+
+    def schedule_buffers(self) -> dict:
+        """The schedule as the twelve float32 buffers latent-diffusion stores in its state dict."""
+        betas = self.betas
+        abar = self.alphas_cumprod
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = betas * (1 - abar_prev) / (1 - abar)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": abar,
+            "alphas_cumprod_prev": abar_prev,
+            "sqrt_alphas_cumprod": abar.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
+            "log_one_minus_alphas_cumprod": (1 - abar).log(),
+            "sqrt_recip_alphas_cumprod": (1 / abar).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / abar - 1).sqrt(),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+            "posterior_mean_coef1": betas * abar_prev.sqrt() / (1 - abar),
+            "posterior_mean_coef2": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+        }
+        return {k: v.float() for k, v in buffers.items()}

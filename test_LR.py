@@ -1,0 +1,30 @@
+"""Evaluate OOD detection with LR (likelihood regret): score(first checkpoint) - score(end checkpoint).
+
+    python test_LR.py --pretrained_ldm_ckpt_first ./checkpoint/checkpoint-0.pth \
+        --pretrained_ldm_ckpt_end ./checkpoint/checkpoint-last.pth \
+        --pretrained_ldm_cfg config/Config.yaml --data_path ./data --evaluate --similarity_type MFsim
+
+Reports LR for both score types, and the first and end scores LR is made of. Higher = more OOD,
+as for every score here; an AUROC below 50 means the score points the other way on that set.
+"""
+import argparse
+import os
+
+from utils.cli import add_eval_flags, run_entry, run_evaluation
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="DLSR OOD evaluation with LR (first vs end checkpoint).")
+    p.add_argument("--pretrained_ldm_ckpt_first", default="./checkpoint/checkpoint-0.pth",
+                   help="the early checkpoint (default: %(default)s)")
+    p.add_argument("--pretrained_ldm_ckpt_end", default="./checkpoint/checkpoint-last.pth",
+                   help="the final checkpoint (default: %(default)s)")
+    add_eval_flags(p)
+    args = p.parse_args(argv)
+    end = args.pretrained_ldm_ckpt_end
+    run_evaluation(args, {"first": args.pretrained_ldm_ckpt_first, "end": end},
+                   os.path.join(os.path.dirname(end) or ".", "results-LR"))
+
+
+if __name__ == "__main__":
+    run_entry(main)

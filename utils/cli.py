@@ -1,0 +1,130 @@
+"""What the three entry scripts share: config + flag overrides, logging, and the error boundary."""
+import argparse
+import logging
+import sys
+from typing import Callable, Dict, Optional, Sequence
+
+from tqdm import tqdm
+
+from utils.config import Config, load_config, override
+from utils.errors import UserError, one_line
+
+log = logging.getLogger("dlsr")
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(is_main: bool) -> None:
+    """Rank 0 logs INFO; other ranks only warnings and errors."""
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+
+
+def add_common_flags(p: argparse.ArgumentParser, default_config: Optional[str] = "config/Config.yaml") -> None:
+    p.add_argument("--data_path", help="root of the datasets (default: the config's data_path, ./data)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--cache_dir", help="feature cache folder (default: <data_path>/feature_cache)")
+    p.add_argument("--backbone_weights", help="ImageNet weights file of the backbone")
+    p.add_argument("--num_workers", type=int, help="image decoding worker processes")
+    p.add_argument("--no_amp", action="store_true", help="no fp16 autocast on CUDA (fp32 throughout)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --opt lfdn.num_res_blocks=8 (repeatable)")
+
+
+COMMON_FLAGS = {"data_path": "data_path", "device": "device", "cache_dir": "cache_dir",
+                "backbone_weights": "backbone.weights", "num_workers": "num_workers"}
+
+
+def resolve_config(config_path: str, args: argparse.Namespace, flags: Dict[str, str]) -> Config:
+    """Load the YAML, then apply ``--opt KEY=VALUE`` and the named flags (flags win)."""
+    cfg = load_config(config_path)
+    for item in args.opt:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--opt expects KEY=VALUE, got {item!r}")
+        override(cfg, key.strip(), value)
+    for flag, key in {**COMMON_FLAGS, **flags}.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            override(cfg, key, value, source=f"--{flag}")
+    if args.no_amp:
+        cfg.amp = False
+    return cfg
+
+
+def run_entry(main: Callable[[Optional[Sequence[str]]], None]) -> None:
+    """Run ``main``; a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    try:
+        main(None)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; files already written are complete, nothing half-written was left", file=sys.stderr)
+        sys.exit(130)
+
+
+EVAL_FLAGS = {
+    "similarity_type": "eval.similarity_type", "dataset": "eval.dataset", "batch_size": "eval.batch_size",
+    "seed": "eval.seed", "mfsim_layers": "eval.mfsim_layers", "fpr95": "eval.fpr95",
+    "subset_timesteps_num": "diffusion.subset_timesteps_num", "eta": "diffusion.eta",
+    "indexing": "diffusion.indexing",
+}
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained_ldm_cfg", default="config/Config.yaml",
+                   help="the config the checkpoint(s) were trained with (default: %(default)s)")
+    add_common_flags(p)
+    p.add_argument("--evaluate", action="store_true", help="accepted for compatibility with the release; "
+                   "evaluating is what this script does")
+    p.add_argument("--similarity_type", choices=("MSE", "MFsim"), help="headline score (default: config, MFsim)")
+    p.add_argument("--dataset", help="ID test set spec (default: config eval.dataset)")
+    p.add_argument("--ood", action="append", default=[], metavar="NAME=SPEC",
+                   help="OOD set, repeatable; replaces the config's list, e.g. --ood SVHN=svhn --ood Tex=folder:dtd/images")
+    p.add_argument("--skip_missing", action="store_true", help="go on without OOD sets that are not on disk")
+    p.add_argument("--output_dir", help="where results go (default: results-<name> beside the checkpoint)")
+    p.add_argument("--save_features", action="store_true", help="also save features/NAME.npy (standardised vectors)")
+    p.add_argument("--subset_timesteps_num", type=int, help="noise level k = number of DDIM steps (default 3)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default 1.0)")
+    p.add_argument("--indexing", choices=("release", "consistent"), help="DDIM indexing (default: release)")
+    p.add_argument("--batch_size", type=int, help="reconstruction batch (default 64)")
+    p.add_argument("--seed", type=int, help="noise seed (default 0)")
+    p.add_argument("--mfsim_layers", choices=("release", "all"), help="release: skip layer 0 (default); all: paper")
+    p.add_argument("--fpr95", choices=("release", "ood_positive"), help="FPR95 convention (default: release)")
+
+
+def eval_config(args: argparse.Namespace) -> Config:
+    cfg = resolve_config(args.pretrained_ldm_cfg, args, EVAL_FLAGS)
+    if args.ood:
+        ood = {}
+        for item in args.ood:
+            name, sep, spec = item.partition("=")
+            if not sep or not name or not spec:
+                raise UserError(f"--ood expects NAME=SPEC, e.g. SVHN=svhn, got {item!r}")
+            ood[name] = spec
+        override(cfg, "eval.ood", ood, source="--ood")
+    return cfg
+
+
+def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], default_output_dir: str) -> None:
+    """Score, write every output (rank 0), print the table."""
+    from utils.distributed import distributed_context
+    from utils.evaluation import evaluate
+    from utils.report import format_markdown, write_outputs
+
+    cfg = eval_config(args)
+    with distributed_context(cfg.device) as ctx:
+        setup_logging(ctx.is_main)
+        result = evaluate(cfg, ctx, checkpoints, args.pretrained_ldm_cfg, args.skip_missing, args.save_features)
+        if ctx.is_main:
+            out = args.output_dir or default_output_dir
+            write_outputs(result, out, args.save_features)
+            print(format_markdown(result))
+            log.info("results written to %s", out)

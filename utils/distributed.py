@@ -1,0 +1,92 @@
+"""The one place that sets up and tears down torch.distributed.
+
+``python script.py`` runs as a single process with no environment variables; under
+``torchrun --nproc_per_node=N`` the same code runs N ranks (NCCL on GPUs, gloo on CPU).
+"""
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {pref!r} asked for, but CUDA is not available here; use --device cpu")
+        return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+@contextmanager
+def distributed_context(device_pref: str = "auto"):
+    """Yield a DistContext; under torchrun, init the process group and always destroy it on exit."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        yield DistContext(0, 1, 0, resolve_device(device_pref))
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_pref, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield DistContext(rank, world, local_rank, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if not ctx.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / ctx.world_size
+
+
+def gather_interleaved(local: torch.Tensor, total: int, ctx: DistContext) -> torch.Tensor:
+    """Rank r holds rows r, r+W, r+2W, ... of a (total, ...) tensor; return the whole tensor on every rank."""
+    if not ctx.distributed:
+        return local
+    rows = -(-total // ctx.world_size)
+    padded = local.new_zeros((rows, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    if not ctx.cuda:
+        padded = padded.cpu()
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    out = local.new_empty((total, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        n = len(range(r, total, ctx.world_size))
+        out[r::ctx.world_size] = part[:n].to(out.device)
+    return out

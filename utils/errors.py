@@ -1,0 +1,14 @@
+"""The one exception type that entry scripts turn into a one-line message and a non-zero exit."""
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a file, a flag); the message says what and how."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else exc.__class__.__name__

@@ -1,0 +1,49 @@
+"""OOD metrics from saved score arrays (higher score = more OOD; OOD is the positive class for AUROC).
+
+FPR95 comes in two conventions:
+- "release" (default, what the authors print): threshold = 95th percentile of the ID scores
+  (linear interpolation); FPR95 = fraction of OOD scores below it, i.e. OOD accepted while 95% of
+  ID is kept.
+- "ood_positive" (OpenOOD v1.5, pytorch-ood): walk the ROC with OOD positive; FPR95 = fraction of
+  ID flagged at the first threshold that catches 95% of OOD.
+"""
+from typing import Dict
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+FPR95_CONVENTIONS = ("release", "ood_positive")
+
+
+def _check(name: str, scores) -> np.ndarray:
+    a = np.asarray(scores, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError(f"{name} scores are empty: both ID and OOD scores are needed")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} scores contain {np.count_nonzero(~np.isfinite(a))} NaN/inf values")
+    return a
+
+
+def fpr_at_95(id_scores, ood_scores, convention: str = "release") -> float:
+    id_s, ood_s = _check("ID", id_scores), _check("OOD", ood_scores)
+    if convention == "release":
+        threshold = np.percentile(id_s, 95)
+        return float(np.mean(ood_s < threshold))
+    if convention == "ood_positive":
+        labels = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
+        fpr, tpr, _ = roc_curve(labels, np.r_[id_s, ood_s])
+        return float(fpr[np.argmax(tpr >= 0.95)])
+    raise ValueError(f"FPR95 convention must be one of {FPR95_CONVENTIONS}, got {convention!r}")
+
+
+def ood_metrics(id_scores, ood_scores, fpr95: str = "release") -> Dict[str, float]:
+    """AUROC, FPR95, AUPR-In (ID positive), AUPR-Out (OOD positive), each in [0, 1]."""
+    id_s, ood_s = _check("ID", id_scores), _check("OOD", ood_scores)
+    labels = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
+    scores = np.r_[id_s, ood_s]
+    return {
+        "AUROC": float(roc_auc_score(labels, scores)),
+        "FPR95": fpr_at_95(id_s, ood_s, fpr95),
+        "AUPR_In": float(average_precision_score(1 - labels, -scores)),
+        "AUPR_Out": float(average_precision_score(labels, scores)),
+    }

@@ -1,0 +1,16 @@
+"""The LFDN and the diffusion schedule as a config describes them."""
+from models.diffusion import GaussianDiffusion
+from models.lfdn import LFDN
+from utils.config import Config
+
+
+def build_lfdn(cfg: Config, feature_dim: int) -> LFDN:
+    c = cfg.lfdn
+    return LFDN(in_channels=feature_dim, time_embed_dim=c.time_embed_dim, model_channels=c.model_channels,
+                bottleneck_channels=c.bottleneck_channels, out_channels=feature_dim,
+                num_res_blocks=c.num_res_blocks, dropout=c.dropout)
+
+
+def build_diffusion(cfg: Config) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion(d.timesteps, d.linear_start, d.linear_end)

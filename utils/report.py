@@ -1,0 +1,164 @@
+"""Evaluation outputs: results.md / .json / .csv, per-sample scores, optional features, plots.
+
+scores/NAME.npy is a structured array with one float64 field per score (e.g. ``MFsim``, ``MSE``,
+or ``LR_MFsim``, ``first_MFsim``, ``end_MFsim`` ...), one row per image in dataset order:
+``np.load("scores/SVHN.npy")["MFsim"]``. Metrics can be recomputed from these files alone.
+"""
+import csv
+import io
+import json
+import logging
+import os
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from utils.atomic import atomic_file, atomic_write_text
+from utils.evaluation import ID_NAME, EvalResult
+
+log = logging.getLogger("dlsr")
+METRICS = ("AUROC", "FPR95", "AUPR_In", "AUPR_Out")
+LABELS = {"AUROC": "AUROC", "FPR95": "FPR95", "AUPR_In": "AUPR-In", "AUPR_Out": "AUPR-Out"}
+
+
+def file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "set"
+
+
+def mean_row(rows: Dict[str, Optional[dict]]) -> Optional[dict]:
+    present = [m for m in rows.values() if m is not None]
+    if not present:
+        return None
+    return {k: float(np.mean([m[k] for m in present])) for k in METRICS}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def format_markdown(result: EvalResult) -> str:
+    meta, sets = result.meta, result.sets
+    ids = sets[ID_NAME]
+    ckpts = ", ".join(f"{role} = {c['path']} ({c['kind']}, epoch {c['epoch']})" for role, c in meta["checkpoints"].items())
+    out = io.StringIO()
+    out.write("# DLSR out-of-distribution detection\n\n")
+    out.write(f"ID test set: {meta['id_dataset']} ({ids.n} images). Checkpoints: {ckpts}.\n")
+    out.write(f"Backbone {meta['backbone']} at {meta['input_size']} px; k = {meta['subset_timesteps_num']}, "
+              f"eta = {meta['eta']}, indexing {meta['indexing']}; MFsim layers: {meta['mfsim_layers']}; "
+              f"FPR95 convention: {meta['fpr95']}; seed {meta['seed']}; {meta['device']} x{meta['processes']}, "
+              f"{meta['precision']}.\n")
+    out.write("All metrics in percent, OOD is the positive class; higher score = more OOD.\n")
+    for f in result.fields:
+        rows = result.metrics[f]
+        out.write(f"\n## {f}{'  (headline)' if f == result.headline else ''}\n\n")
+        out.write("| OOD set | images | " + " | ".join(LABELS[m] for m in METRICS) + " |\n")
+        out.write("|---|---:|" + "---:|" * len(METRICS) + "\n")
+        for name, m in rows.items():
+            if m is None:
+                out.write(f"| {name} | missing | " + " | ".join("-" for _ in METRICS) + " |\n")
+            else:
+                out.write(f"| {name} | {sets[name].n} | " + " | ".join(_pct(m[k]) for k in METRICS) + " |\n")
+        mean = mean_row(rows)
+        out.write("| **mean** | | " + " | ".join(_pct(mean[k] if mean else None) for k in METRICS) + " |\n")
+    out.write("\n## Throughput\n\n| set | images | features | images/s |\n|---|---:|---|---:|\n")
+    for name, s in sets.items():
+        ips = "-" if s.images_per_s is None else f"{s.images_per_s:.1f}"
+        out.write(f"| {name} | {s.n if s.features_from != 'missing' else 'missing'} | {s.features_from} | {ips} |\n")
+    return out.getvalue()
+
+
+def results_json(result: EvalResult) -> dict:
+    return {
+        "headline": result.headline,
+        "meta": result.meta,
+        "sets": {name: {"spec": s.spec, "images": s.n, "features": s.features_from,
+                        "seconds": s.seconds, "images_per_s": s.images_per_s} for name, s in result.sets.items()},
+        # Metrics as fractions in [0, 1] (the table shows them x100).
+        "metrics": {f: {**rows, "mean": mean_row(rows)} for f, rows in result.metrics.items()},
+    }
+
+
+def results_csv(result: EvalResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["score", "ood_set", "images", *METRICS])
+    for f, rows in result.metrics.items():
+        for name, m in [*rows.items(), ("mean", mean_row(rows))]:
+            n = result.sets[name].n if name in result.sets else ""
+            w.writerow([f, name, n, *(["missing"] * len(METRICS) if m is None else [f"{100 * m[k]:.6f}" for k in METRICS])])
+    return buf.getvalue()
+
+
+def write_outputs(result: EvalResult, output_dir: str, save_features: bool = False) -> List[str]:
+    """Write every output file; return their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for name, s in result.sets.items():
+        if s.features_from == "missing":
+            continue
+        arr = np.zeros(s.n, dtype=[(f, "f8") for f in result.fields])
+        for f in result.fields:
+            arr[f] = s.scores[f]
+        path = os.path.join(output_dir, "scores", f"{file_stem(name)}.npy")
+        with atomic_file(path) as fh:
+            np.save(fh, arr)
+        written.append(path)
+        if save_features and s.features is not None:
+            path = os.path.join(output_dir, "features", f"{file_stem(name)}.npy")
+            with atomic_file(path) as fh:
+                np.save(fh, s.features)
+            written.append(path)
+    for fname, text in (("results.md", format_markdown(result)),
+                        ("results.json", json.dumps(results_json(result), indent=2)),
+                        ("results.csv", results_csv(result))):
+        path = os.path.join(output_dir, fname)
+        atomic_write_text(path, text)
+        written.append(path)
+    written += write_plots(result, output_dir)
+    return written
+
+
+def write_plots(result: EvalResult, output_dir: str) -> List[str]:
+    """ROC curves and score histograms of the headline score, ID vs each OOD set (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no plots")
+        return []
+    from sklearn.metrics import roc_curve
+
+    f = result.headline
+    id_s = result.sets[ID_NAME].scores[f]
+    oods = [(n, s.scores[f]) for n, s in result.sets.items() if n != ID_NAME and s.features_from != "missing"]
+    if not oods:
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, ood in oods:
+        fpr, tpr, _ = roc_curve(np.r_[np.zeros(id_s.size), np.ones(ood.size)], np.r_[id_s, ood])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {100 * result.metrics[f][name]['AUROC']:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate (ID flagged)", ylabel="true positive rate (OOD flagged)", title=f"ROC, {f}")
+    ax.legend(fontsize=7, loc="lower right")
+    paths.append(os.path.join(output_dir, f"roc_{file_stem(f)}.png"))
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    cols = min(3, len(oods))
+    rows = -(-len(oods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (name, ood) in zip(axes.flat, oods):
+        bins = np.histogram_bin_edges(np.r_[id_s, ood], bins=60)
+        ax.hist(id_s, bins=bins, alpha=0.6, density=True, label=f"ID ({result.meta['id_dataset']})")
+        ax.hist(ood, bins=bins, alpha=0.6, density=True, label=name)
+        ax.set(title=f"{f}: ID vs {name}", xlabel="score (higher = more OOD)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(oods):]:
+        ax.axis("off")
+    paths.append(os.path.join(output_dir, f"hist_{file_stem(f)}.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,31 @@
+"""Per-sample OOD scores from (reconstruction, original). Convention throughout: higher = more likely OOD."""
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def mse_score(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+    """Sum over all dims of (rec - orig)^2. (B, D), (B, D) -> (B,); higher = more OOD."""
+    return (rec.float() - orig.float()).pow(2).sum(dim=-1)
+
+
+def mfsim_score(rec: torch.Tensor, orig: torch.Tensor, indices: Sequence[int], all_layers: bool = False) -> torch.Tensor:
+    """Negative mean per-layer cosine similarity. (B, D), (B, D) -> (B,); higher = more OOD.
+
+    Default (the release): the layer slices between consecutive ``indices``, i.e. every layer but
+    the first, averaged over L - 1. ``all_layers=True`` (the paper's formula) averages all L slices.
+    A perfect reconstruction scores -1.
+    """
+    bounds = [0, *indices] if all_layers else list(indices)
+    sims = [F.cosine_similarity(rec[..., lo:hi].float(), orig[..., lo:hi].float(), dim=-1)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return -torch.stack(sims, dim=-1).mean(dim=-1)
+
+
+def likelihood_regret(first: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """LR = score(first checkpoint) - score(end checkpoint), per sample, same score type for both."""
+    if first.shape != end.shape:
+        raise ValueError(f"score arrays differ in shape: {first.shape} vs {end.shape}")
+    return first - end

@@ -11,9 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from utils.errors import UserError
 
@@ -22,7 +20,9 @@ def to_rgb_resized(img: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> uint8 (size, size, 3) tensor."""
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
-    arr = np.array(TF.resize(img, [size, size], InterpolationMode.BILINEAR))
+    # What torchvision's Resize([size, size]) does to a PIL image (tests check it bit for bit),
+    # without importing torchvision in every worker.
+    arr = np.array(img.resize((size, size), Image.BILINEAR))
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     return torch.from_numpy(arr)

@@ -7,7 +7,6 @@ for anything else is refused, never executed.
 import argparse
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,7 +77,7 @@ def read_raw(path: str) -> dict:
         detail = str(e).splitlines()[0] if str(e) else "disallowed content"
         raise UserError(f"{path}: refused to load: it asks to run code or build objects that are not "
                         f"weights ({detail}); only plain checkpoints are loaded") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # truncated zip, garbage bytes (KeyError/EOFError from the unpickler), ...
         detail = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise UserError(f"{path}: not a readable checkpoint, truncated or not a torch file ({detail})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):

@@ -58,10 +58,10 @@ def resolve_config(config_path: str, args: argparse.Namespace, flags: Dict[str, 
     return cfg
 
 
-def run_entry(main: Callable[[Optional[Sequence[str]]], None]) -> None:
+def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main``; a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
-        main(None)
+        main(argv)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -91,6 +91,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip_missing", action="store_true", help="go on without OOD sets that are not on disk")
     p.add_argument("--output_dir", help="where results go (default: results-<name> beside the checkpoint)")
     p.add_argument("--save_features", action="store_true", help="also save features/NAME.npy (standardised vectors)")
+    p.add_argument("--no_plots", action="store_true", help="skip the ROC and histogram PNGs")
     p.add_argument("--subset_timesteps_num", type=int, help="noise level k = number of DDIM steps (default 3)")
     p.add_argument("--eta", type=float, help="DDIM eta (default 1.0)")
     p.add_argument("--indexing", choices=("release", "consistent"), help="DDIM indexing (default: release)")
@@ -125,6 +126,6 @@ def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], defaul
         result = evaluate(cfg, ctx, checkpoints, args.pretrained_ldm_cfg, args.skip_missing, args.save_features)
         if ctx.is_main:
             out = args.output_dir or default_output_dir
-            write_outputs(result, out, args.save_features)
+            write_outputs(result, out, args.save_features, plots=not args.no_plots)
             print(format_markdown(result))
             log.info("results written to %s", out)

@@ -14,7 +14,6 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from datasets import ImageSet, build_dataset, build_datasets
 from models.features import MultiLayerFeatures, standardize, weights_digest
@@ -25,6 +24,7 @@ from utils.distributed import DistContext
 from utils.errors import UserError
 from utils.features import autocast, load_or_extract
 from utils.metrics import ood_metrics
+from utils.progress import progress
 from utils.scores import likelihood_regret, mfsim_score, mse_score
 from utils.model_factory import build_diffusion
 
@@ -119,7 +119,7 @@ def reconstruct_scores(model: LFDN, diffusion, z: torch.Tensor, cfg: Config, ctx
     out = torch.zeros((n, len(SCORE_TYPES)), dtype=torch.float64, device=ctx.device)  # columns: SCORE_TYPES
     generator = torch.Generator(device=ctx.device)
     batches = range(ctx.rank, -(-n // b), ctx.world_size)
-    for j in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not ctx.is_main):
+    for j in progress(batches, desc, ctx.is_main, unit="batch"):
         z0 = z[j * b:(j + 1) * b]  # (b, D)
         generator.manual_seed(noise_seed(cfg.eval.seed, set_name, role, j))
         with autocast(ctx, cfg.amp):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from datasets import ImageSet
 from models.features import MultiLayerFeatures
 from utils.atomic import atomic_torch_save
+from utils.progress import progress
 from utils.distributed import DistContext, barrier, gather_interleaved
 
 log = logging.getLogger("dlsr")
@@ -51,8 +51,7 @@ def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: Dist
     """Run the backbone over ``dataset`` (each rank a strided shard) -> (N, D) on every rank."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     out = []
-    for images in tqdm(image_loader(shard, ctx, batch_size, num_workers), desc=desc, unit="batch",
-                       disable=not ctx.is_main, leave=False):
+    for images in progress(image_loader(shard, ctx, batch_size, num_workers), desc, ctx.is_main, unit="batch"):
         x = extractor.normalize(images.to(ctx.device, non_blocking=True))  # (B, 3, S, S)
         with autocast(ctx, amp):
             out.append(extractor(x).float())  # (B, D)

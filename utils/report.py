@@ -90,7 +90,7 @@ def results_csv(result: EvalResult) -> str:
     return buf.getvalue()
 
 
-def write_outputs(result: EvalResult, output_dir: str, save_features: bool = False) -> List[str]:
+def write_outputs(result: EvalResult, output_dir: str, save_features: bool = False, plots: bool = True) -> List[str]:
     """Write every output file; return their paths."""
     os.makedirs(output_dir, exist_ok=True)
     written = []
@@ -115,7 +115,8 @@ def write_outputs(result: EvalResult, output_dir: str, save_features: bool = Fal
         path = os.path.join(output_dir, fname)
         atomic_write_text(path, text)
         written.append(path)
-    written += write_plots(result, output_dir)
+    if plots:
+        written += write_plots(result, output_dir)
     return written
 
 

@@ -19,7 +19,6 @@ from typing import Iterator, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from datasets import ImageSet, build_dataset, random_subset
 from models.diffusion import GaussianDiffusion
@@ -32,6 +31,7 @@ from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.features import autocast, image_loader, load_or_extract
+from utils.progress import progress
 from utils.model_factory import build_diffusion, build_lfdn
 
 log = logging.getLogger("dlsr")
@@ -118,8 +118,7 @@ class Trainer:
         base, world, rank = base_lr(cfg, ctx.world_size), ctx.world_size, ctx.rank
         self.net.train()
         total, lr, start = torch.zeros((), device=ctx.device), 0.0, time.perf_counter()
-        bar = tqdm(self.batches(epoch), total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
-                   disable=not ctx.is_main)
+        bar = progress(self.batches(epoch), f"epoch {epoch}", ctx.is_main, total=steps, unit="step", leave=False)
         for step, z0 in enumerate(bar):  # z0: (b, D)
             if step % accum == 0:
                 lr = lr_at(cfg, base, epoch + step / steps)
@@ -248,8 +247,7 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
                  sum(p.numel() for p in trainer.model.parameters()) / 1e6, len(trainer.dataset),
                  trainer.steps_per_epoch(), ctx.world_size, trainer.start_epoch, cfg.train.epochs - 1)
     writer = _tensorboard(cfg.log_folder) if ctx.is_main else None
-    epochs = tqdm(range(trainer.start_epoch, cfg.train.epochs), desc="training", unit="epoch",
-                  disable=not ctx.is_main)
+    epochs = progress(range(trainer.start_epoch, cfg.train.epochs), "training", ctx.is_main, unit="epoch")
     try:
         for epoch in epochs:
             stats = trainer.train_one_epoch(epoch)

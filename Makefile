@@ -1,0 +1,45 @@
+# make demo: install, then train + evaluate the embedded offline demo (Fashion-MNIST vs digits/photos/noise)
+# make test: install, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   := demo_output
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install test demo fashion-mnist bench clean
+
+install: $(STAMP)
+
+$(STAMP): environment.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r environment.txt
+	@touch $(STAMP)
+
+# Best effort: Debian's Fashion-MNIST IDX files (root only); torchvision downloads it where there is internet.
+fashion-mnist:
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || \
+		echo "note: could not install dataset-fashion-mnist; torchvision will try to download Fashion-MNIST"; \
+	fi
+
+test: install fashion-mnist
+	$(PY) -m pytest -q tests
+
+demo: install fashion-mnist
+	$(PY) main.py --config config/demo.yaml
+	$(PY) test_mse_mfsim.py --pretrained_ldm_cfg config/demo.yaml \
+		--pretrained_ldm_ckpt $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-mse-mfsim
+	$(PY) test_LR.py --pretrained_ldm_cfg config/demo.yaml \
+		--pretrained_ldm_ckpt_first $(DEMO)/checkpoint/checkpoint-0.pth \
+		--pretrained_ldm_ckpt_end $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-LR
+
+bench: install
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_lfdn.py
+	$(PY) bench/bench_memory.py
+
+clean:
+	rm -rf $(DEMO)

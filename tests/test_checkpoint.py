@@ -1,0 +1,124 @@
+import os
+
+import pytest
+import torch
+
+from models.diffusion import GaussianDiffusion
+from models.features import MultiLayerFeatures
+from models.lfdn import LFDN
+from tests.helpers import write_release_checkpoint
+from utils.checkpoint import check_against, load_checkpoint, make_payload, save_checkpoint
+from utils.errors import UserError
+
+
+def small_lfdn(dim=512, seed=0):
+    torch.manual_seed(seed)
+    m = LFDN(in_channels=dim, time_embed_dim=16, model_channels=32, bottleneck_channels=32, out_channels=dim,
+             num_res_blocks=2)
+    for p in m.parameters():  # non-zero everywhere, so raw and EMA weights are told apart
+        torch.nn.init.normal_(p)
+    return m
+
+
+def test_release_layout_loads_with_ema_weights_and_backbone(tmp_path):
+    raw, ema = small_lfdn(seed=0), small_lfdn(seed=1)
+    lite = MultiLayerFeatures("efficientnet-lite0")
+    backbone = {k: v + 0.25 if v.is_floating_point() else v for k, v in lite.backbone.state_dict().items()}
+    path = tmp_path / "release.pth"
+    write_release_checkpoint(path, raw.state_dict(), ema.state_dict(), backbone, feature_dim=512)
+    ck = load_checkpoint(str(path))
+    assert ck.kind == "release" and ck.epoch == 149 and ck.ema["num_updates"] == 1234
+    model = LFDN(**ck.lfdn_sizes())
+    model.load_state_dict(ck.eval_weights)  # strict
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, ema.state_dict()[name]), name
+        assert not torch.equal(p, raw.state_dict()[name]), name
+    assert torch.equal(ck.model["out.2.weight"], raw.out[2].weight)
+    extractor = MultiLayerFeatures("efficientnet-lite0", state_dict=ck.backbone_state)
+    assert torch.equal(extractor.backbone._conv_stem.weight, backbone["_conv_stem.weight"])
+    check_against(ck, "efficientnet-lite0", 32, 512, extractor.identity, GaussianDiffusion(), "cfg")
+
+
+def test_release_layout_of_the_full_b4_lfdn_loads_strictly(tmp_path):
+    model = LFDN()
+    sd = model.state_dict()
+    path = tmp_path / "b4.pth"
+    write_release_checkpoint(path, sd, sd)
+    ck = load_checkpoint(str(path))
+    assert ck.lfdn_sizes() == {"in_channels": 720, "model_channels": 1440, "time_embed_dim": 720,
+                               "bottleneck_channels": 1440, "out_channels": 720, "num_res_blocks": 16}
+    LFDN(**ck.lfdn_sizes()).load_state_dict(ck.eval_weights, strict=True)
+
+
+def test_other_width_and_other_schedule_are_refused(tmp_path):
+    sd = small_lfdn(dim=720).state_dict()
+    path = tmp_path / "b4.pth"
+    write_release_checkpoint(path, sd, sd)
+    with pytest.raises(UserError, match=r"720-d features \(a efficientnet-b4 checkpoint\?\).*512-d"):
+        check_against(load_checkpoint(str(path)), "efficientnet-lite0", 224, 512, "x", GaussianDiffusion(), "cfg")
+    sd = small_lfdn(dim=512).state_dict()
+    write_release_checkpoint(path, sd, sd, alphas_cumprod=GaussianDiffusion(linear_end=0.03).alphas_cumprod.numpy())
+    with pytest.raises(UserError, match="different noise schedule"):
+        check_against(load_checkpoint(str(path)), "efficientnet-lite0", 224, 512, "x", GaussianDiffusion(), "cfg")
+
+
+def test_our_format_round_trip_and_backbone_mismatch(tmp_path):
+    m = small_lfdn()
+    payload = make_payload(m.state_dict(), {"decay": 0.9999, "num_updates": 3, "weights": m.state_dict()}, {}, {}, 4,
+                           {"diffusion": {"timesteps": 100}},
+                           {"name": "efficientnet-lite0", "identity": "efficientnet-lite0@aaa", "input_size": 64})
+    path = str(tmp_path / "ours.pth")
+    save_checkpoint(payload, path)
+    assert sorted(os.listdir(tmp_path)) == ["ours.pth"]
+    ck = load_checkpoint(path)
+    assert ck.kind == "dlsr" and ck.epoch == 4 and ck.ema["num_updates"] == 3
+    check_against(ck, "efficientnet-lite0", 64, 512, "efficientnet-lite0@aaa", GaussianDiffusion(), "cfg")
+    with pytest.raises(UserError, match="other weights"):
+        check_against(ck, "efficientnet-lite0", 64, 512, "efficientnet-lite0@bbb", GaussianDiffusion(), "cfg")
+    with pytest.raises(UserError, match="at 64 px"):
+        check_against(ck, "efficientnet-lite0", 112, 512, "efficientnet-lite0@aaa", GaussianDiffusion(), "cfg")
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "x": Exploit(marker)}, str(path))
+    with pytest.raises(UserError, match="refused to load"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_missing_and_foreign_files(tmp_path):
+    good = tmp_path / "good.pth"
+    sd = small_lfdn().state_dict()
+    write_release_checkpoint(good, sd, sd, feature_dim=512)
+    data = good.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "cut.pth"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "none.pth"))
+    torch.save({"weights": 1}, str(tmp_path / "other.pth"))
+    with pytest.raises(UserError, match="not a DLSR checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pth"))
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "text.pth"))
+
+
+def test_a_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "c.pth")
+    save_checkpoint({"model": {"a": torch.ones(1)}}, path)
+    before = open(path, "rb").read()
+    with pytest.raises(Exception):
+        save_checkpoint({"model": {"a": lambda: 0}}, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.pth"]

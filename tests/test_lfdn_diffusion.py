@@ -1,0 +1,150 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.diffusion import GaussianDiffusion
+from models.ema import EMA
+from models.lfdn import LFDN, timestep_embedding
+
+
+def release_lfdn_keys(blocks=16):
+    """The LFDN part of REFERENCE §8's key list, written out by hand (prefix model.diffusion_model. removed)."""
+    keys = ["input_proj.1.weight", "input_proj.1.bias", "time_embed.0.weight", "time_embed.0.bias",
+            "time_embed.2.weight", "time_embed.2.bias", "out.0.weight", "out.0.bias", "out.2.weight", "out.2.bias"]
+    for n in range(blocks):
+        for layer in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3"):
+            keys += [f"res_blocks.{n}.{layer}.weight", f"res_blocks.{n}.{layer}.bias"]
+    return sorted(keys)
+
+
+def test_lfdn_b4_size_and_release_key_names():
+    model = LFDN()
+    assert sum(p.numel() for p in model.parameters()) == 86_740_560
+    assert sorted(model.state_dict()) == release_lfdn_keys()
+    assert model.res_blocks[0].in_layers[2].weight.shape == (1440, 1440)
+    assert model.res_blocks[0].emb_layers[1].weight.shape == (1440, 720)
+    assert model.time_embed[0].weight.shape == (720, 1440)
+
+
+def test_lfdn_starts_at_zero_output_and_keeps_shape():
+    model = LFDN(in_channels=12, time_embed_dim=8, model_channels=16, bottleneck_channels=16, out_channels=12,
+                 num_res_blocks=2)
+    out = model(torch.randn(5, 12), torch.tensor([0, 1, 2, 3, 99]))
+    assert out.shape == (5, 12)
+    assert torch.count_nonzero(out) == 0  # zero-initialised head
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    emb = timestep_embedding(torch.tensor([0, 3]), 8)
+    freqs = [math.exp(-math.log(10000) * i / 4) for i in range(4)]
+    expected = [math.cos(3 * f) for f in freqs] + [math.sin(3 * f) for f in freqs]
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert torch.allclose(emb[1], torch.tensor(expected), atol=1e-6)
+
+
+def test_schedule_values_from_the_reference():
+    abar = GaussianDiffusion().alphas_cumprod
+    assert abar.dtype == torch.float64 and abar.shape == (100,)
+    assert abar[0].item() == pytest.approx(0.9985, abs=1e-12)
+    assert abar[3].item() == pytest.approx(0.99352747, abs=1e-8)
+    assert abar[99].item() == pytest.approx(0.41175, abs=5e-6)
+    assert math.sqrt(1 - abar[3].item()) == pytest.approx(0.0805, abs=1e-4)  # k = 3 start noise std
+
+
+def test_q_sample_and_x0_loss():
+    diff = GaussianDiffusion()
+    x0, noise = torch.randn(4, 6), torch.randn(4, 6)
+    t = torch.tensor([0, 3, 50, 99])
+    abar = diff.alphas_cumprod
+    expected = torch.stack([math.sqrt(abar[i]) * x0[j] + math.sqrt(1 - abar[i]) * noise[j] for j, i in enumerate(t.tolist())])
+    assert torch.allclose(diff.q_sample(x0, t, noise), expected, atol=1e-6)
+    assert diff.training_loss(lambda x, tt: x0, x0, t, noise).item() == 0.0
+    assert diff.training_loss(lambda x, tt: torch.zeros_like(x), x0, t, noise).item() == pytest.approx(x0.pow(2).mean().item())
+
+
+def reference_release_ddim(net, z0, k, eta, seed):
+    """REFERENCE §5 evaluated literally, with an independently computed schedule; z drawn at every step."""
+    betas = np.linspace(math.sqrt(0.0015), math.sqrt(0.0195), 100) ** 2
+    abar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(seed)
+    x = math.sqrt(abar[k]) * z0 + math.sqrt(1 - abar[k]) * torch.randn(z0.shape, generator=g, dtype=z0.dtype)
+    for i in reversed(range(k)):
+        s = i + 1
+        x0_hat = net(x, torch.full((z0.shape[0],), s))
+        eps = (x / math.sqrt(abar[s]) - x0_hat) / math.sqrt(1 / abar[s] - 1)
+        a, a_prev = abar[i], (abar[i - 1] if i > 0 else abar[0])
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        pred = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        z = torch.randn(z0.shape, generator=g, dtype=z0.dtype)
+        x = math.sqrt(a_prev) * pred + math.sqrt(1 - a_prev - sigma ** 2) * eps + sigma * z
+    return x
+
+
+@pytest.mark.parametrize("k,eta", [(3, 1.0), (1, 1.0), (10, 1.0), (3, 0.0), (3, 0.5)])
+@pytest.mark.parametrize("net_kind", ["zero", "affine"])
+def test_reconstruction_matches_reference_formulas(k, eta, net_kind):
+    z0 = torch.randn(7, 20, dtype=torch.float64)
+    if net_kind == "zero":
+        def net(x, t):
+            return torch.zeros_like(x)
+    else:
+        def net(x, t):
+            return 0.7 * x + 0.01 * t[:, None].to(x.dtype)
+    ours = GaussianDiffusion().reconstruct(net, z0, k, eta, torch.Generator().manual_seed(5))
+    ref = reference_release_ddim(net, z0, k, eta, seed=5)
+    assert torch.allclose(ours, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_release_last_step_is_identity_so_the_network_is_called_k_minus_1_times():
+    calls = []
+
+    def net(x, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    GaussianDiffusion().reconstruct(net, torch.randn(2, 4), 3, 1.0, torch.Generator().manual_seed(0))
+    assert calls == [3, 2]
+
+
+def test_consistent_indexing_returns_the_last_x0_prediction():
+    target = torch.randn(3, 5)
+    out = GaussianDiffusion().reconstruct(lambda x, t: target, torch.randn(3, 5), 3, 1.0,
+                                          torch.Generator().manual_seed(0), indexing="consistent")
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+def test_reconstruction_is_reproducible_and_works_for_any_shape():
+    diff, z0 = GaussianDiffusion(), torch.randn(2, 3, 4)
+
+    def net(x, t):
+        return 0.5 * x
+
+    a = diff.reconstruct(net, z0, 3, 1.0, torch.Generator().manual_seed(1))
+    b = diff.reconstruct(net, z0, 3, 1.0, torch.Generator().manual_seed(1))
+    c = diff.reconstruct(net, z0, 3, 1.0, torch.Generator().manual_seed(2))
+    assert a.shape == z0.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_schedule_buffers_follow_latent_diffusion():
+    buf = GaussianDiffusion().schedule_buffers()
+    assert len(buf) == 12
+    assert buf["alphas_cumprod_prev"][0] == 1.0
+    assert torch.allclose(buf["sqrt_recipm1_alphas_cumprod"] ** 2, 1 / buf["alphas_cumprod"] - 1, rtol=1e-4)
+
+
+def test_ema_rule_by_hand():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # n = 1: decay = 2/11
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
+    ema.update(model)  # n = 2: decay = 3/12
+    assert ema.module.weight.item() == pytest.approx((1 - 2 / 11) + 0.75 * (2 / 11))
+    state = ema.state_dict()
+    other = EMA(model)
+    other.load_state_dict(state)
+    assert other.num_updates == 2 and other.module.weight.item() == ema.module.weight.item()

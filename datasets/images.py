@@ -1,4 +1,4 @@
-"""Image sets as the extractor consumes them: resized uint8 (S, S, 3) tensors, one transform for all.
+"""Image sets as the extractor consumes them: resized uint8 (S, S, 3) tensors ((S, S) for grayscale arrays).
 
 REFERENCE §1: PIL -> RGB -> Resize([S, S]) bilinear -> ToTensor -> Normalize. The per-image part
 (decode and resize) runs here, in DataLoader workers; ToTensor + Normalize are done once per batch
@@ -16,13 +16,20 @@ from PIL import Image
 from utils.errors import UserError
 
 
-def to_rgb_resized(img: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> uint8 (size, size, 3) tensor."""
+def resized(img: Image.Image, size: int) -> np.ndarray:
+    """PIL image (L or RGB; other modes become RGB) -> uint8 (size, size[, 3]).
+
+    What torchvision's Resize([size, size]) does to a PIL image (tests check it bit for bit),
+    without importing torchvision in every worker.
+    """
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
-    # What torchvision's Resize([size, size]) does to a PIL image (tests check it bit for bit),
-    # without importing torchvision in every worker.
-    arr = np.array(img.resize((size, size), Image.BILINEAR))
+    return np.array(img.resize((size, size), Image.BILINEAR))
+
+
+def to_rgb_resized(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> uint8 (size, size, 3) tensor."""
+    arr = resized(img, size)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     return torch.from_numpy(arr)
@@ -65,6 +72,10 @@ class ArrayImages(ImageSet):
     def load(self, i: int) -> Image.Image:
         a = self.array[i]
         return Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB")
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        # A grayscale set stays one channel here: the batched normalize copies it to three.
+        return torch.from_numpy(resized(self.load(i), self.image_size))
 
     def fingerprint(self) -> str:
         h = hashlib.sha1(str(self.array.shape).encode())

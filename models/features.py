@@ -108,9 +108,16 @@ class MultiLayerFeatures(nn.Module):
         return super().train(False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> float (B, 3, H, W): ToTensor then Normalize, bit for bit, batched."""
-        x = images.permute(0, 3, 1, 2).to(torch.float32).div(255)
-        return x.sub(self.mean).div(self.std)
+        """uint8 (B, H, W, 3) or grayscale (B, H, W) -> float (B, 3, H, W): RGB conversion, ToTensor
+        and Normalize, bit for bit, batched.
+
+        The result is contiguous NCHW, as ToTensor gives: a permuted (channels-last) tensor would
+        make the convolutions pick other kernels, with other rounding than the release.
+        """
+        if images.dim() == 3:  # grayscale (B, H, W): converting L to RGB copies the channel
+            images = images.unsqueeze(-1).expand(-1, -1, -1, 3)
+        x = images.permute(0, 3, 1, 2).to(torch.float32).contiguous()  # (B, 3, H, W)
+        return x.div_(255).sub_(self.mean).div_(self.std)
 
     def taps(self, x: torch.Tensor) -> list:
         net = self.backbone

@@ -20,7 +20,7 @@ def test_release_and_paper_hyperparameters():
     assert (rel.train.lr, rel.train.weight_decay, rel.train.batch_size, rel.train.epochs) == (1e-5, 0.02, 256, 150)
     assert (paper.train.lr, paper.train.weight_decay, paper.train.batch_size, paper.train.epochs) == (1e-4, 1e-4, 128, 150)
     assert list(rel.eval.ood) == ["CIFAR100", "SVHN", "LSUN", "LSUN_resize", "iSUN", "DTD", "Places365"]
-    assert rel.diffusion.subset_timesteps_num == 3 and rel.eval.batch_size == 64
+    assert rel.diffusion.subset_timesteps_num == 3 and rel.eval.batch_size == 256 and rel.num_workers is None
 
 
 def test_unknown_key_is_named(tmp_path):

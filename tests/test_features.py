@@ -5,7 +5,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 
-from datasets.images import to_rgb_resized
+from datasets.images import ArrayImages, to_rgb_resized
 from models.features import BACKBONES, MultiLayerFeatures, standardize
 from utils.errors import UserError
 
@@ -91,7 +91,9 @@ def test_batched_image_path_is_bit_identical_to_torchvision(mode):
     tf = T.Compose([T.Resize([64, 64]), T.ToTensor(), T.Normalize(f.spec.mean, f.spec.std)])
     reference = torch.stack([tf(im.convert("RGB")) for im in images])
     ours = f.normalize(torch.stack([to_rgb_resized(im, 64) for im in images]))
-    assert torch.equal(ours, reference)
+    assert torch.equal(ours, reference) and ours.is_contiguous()
+    array_set = ArrayImages("x", np.stack([np.asarray(im) for im in images]), 64)  # one channel if grayscale
+    assert torch.equal(f.normalize(torch.stack([array_set[i] for i in range(3)])), reference)
 
 
 def test_missing_weights_give_one_line_naming_the_file(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from utils.config import Config, load_config, override
 from utils.errors import UserError, one_line
+from utils.runtime import keep_freed_memory
 
 log = logging.getLogger("dlsr")
 
@@ -60,6 +61,7 @@ def resolve_config(config_path: str, args: argparse.Namespace, flags: Dict[str, 
 
 def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main``; a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    keep_freed_memory()
     try:
         main(argv)
     except UserError as e:

@@ -90,7 +90,7 @@ class Config:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = True                    # fp16 autocast (and a grad scaler in training) on CUDA only
     download: bool = True               # let torchvision download missing sets where there is internet
-    num_workers: int = 2                # image decoding workers per process
+    num_workers: Optional[int] = None   # image decoding workers per process; None: 0 on CPU, up to 8 on CUDA
     extract_batch_size: int = 64
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     lfdn: LFDNConfig = field(default_factory=LFDNConfig)
@@ -105,6 +105,13 @@ class Config:
     @property
     def log_folder(self) -> str:
         return self.log_dir or self.output_dir
+
+    def workers(self, cuda: bool) -> int:
+        """Decoding workers: on CPU the backbone needs both cores and decoding costs ~1% of it
+        (bench/RESULTS.md), so decode in-process; on a GPU decoding is the bottleneck."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
 
 
 CHOICES = {
@@ -177,7 +184,7 @@ def validate(cfg: Config, source: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{source}: {key} must be positive, got {value}")
-    if cfg.num_workers < 0:
+    if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UserError(f"{source}: num_workers must be >= 0, got {cfg.num_workers}")
 
 

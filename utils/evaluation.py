@@ -137,7 +137,7 @@ def score_set(name: str, dataset: ImageSet, extractor: MultiLayerFeatures, diffu
     start = time.perf_counter()
     feats = load_or_extract(extractor, dataset, "test", ctx, cache_dir=cfg.feature_cache_dir,
                             input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                            num_workers=cfg.num_workers, amp=cfg.amp, desc=f"{name}: features")
+                            num_workers=cfg.workers(ctx.cuda), amp=cfg.amp, desc=f"{name}: features")
     z = standardize(feats.raw.to(ctx.device), extractor.indices)  # (N, D)
     result = SetResult(name, dataset.name, len(dataset), features_from="cache" if feats.from_cache else "extracted")
     per_role = {role: reconstruct_scores(m, diffusion, z, cfg, ctx, name, role, extractor.indices,

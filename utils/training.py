@@ -96,11 +96,12 @@ class Trainer:
                 yield self.cached[idx[j * b:(j + 1) * b]]
             return
         # The release's way: the frozen backbone runs on every image in every epoch.
-        loader = image_loader(self.dataset, self.ctx, b, self.cfg.num_workers, sampler=sampler, drop_last=True)
+        loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=sampler, drop_last=True)
+        chunk = self.cfg.extract_batch_size  # the backbone's batch, as in extraction: same speed per image
         for images in loader:
             x = self.extractor.normalize(images.to(self.ctx.device, non_blocking=True))
             with autocast(self.ctx, self.cfg.amp):
-                raw = self.extractor(x).float()
+                raw = torch.cat([self.extractor(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
             yield standardize(raw, self.extractor.indices)
 
     def steps_per_epoch(self) -> int:
@@ -197,7 +198,7 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None,
     if cfg.train.cache_features:
         feats = load_or_extract(extractor, dataset, "train", ctx, cache_dir=cfg.feature_cache_dir,
                                 input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                                num_workers=cfg.num_workers, amp=cfg.amp, desc="extracting train features")
+                                num_workers=cfg.workers(ctx.cuda), amp=cfg.amp, desc="extracting train features")
         if ctx.is_main:
             log.info("train features: %d x %d (%s)", *feats.raw.shape,
                      "from cache" if feats.from_cache else f"extracted in {feats.seconds:.1f}s")

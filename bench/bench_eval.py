@@ -1,0 +1,67 @@
+"""Evaluation overhead: images/s of the whole scoring pipeline vs the backbone alone.
+
+Pipeline = our evaluation code on in-memory images: decode + resize (DataLoader), batched
+normalise, backbone, standardise, DDIM reconstruction (k = 3), MSE + MFsim. Baseline = the
+backbone's forward on already prepared tensors of the same size and batch. Target: >= 0.90.
+
+    python bench/bench_eval.py [--images N] [--configs release demo]
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from common import ROOT, backbone_weights, paired, record
+from datasets.images import ArrayImages
+from models.features import MultiLayerFeatures, standardize
+from utils.config import load_config
+from utils.distributed import DistContext
+from utils.evaluation import reconstruct_scores
+from utils.features import extract_features
+from utils.model_factory import build_diffusion, build_lfdn
+
+CONFIGS = {"release": ("config/Config.yaml", (32, 32, 3), 128), "demo": ("config/demo.yaml", (28, 28), 2048)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--images", type=int, help="images per measurement (default: 128 release, 2048 demo)")
+    p.add_argument("--repeats", type=int, default=5, help="alternating pairs; the median ratio is reported")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = DistContext(0, 1, 0, device)
+    rows = []
+    for name in args.configs:
+        path, shape, default_n = CONFIGS[name]
+        cfg = load_config(os.path.join(ROOT, path))
+        n, size, b = args.images or default_n, cfg.backbone.input_size, cfg.extract_batch_size
+        extractor = MultiLayerFeatures(cfg.backbone.name, backbone_weights(cfg.backbone.name)).to(device)
+        model = build_lfdn(cfg, extractor.feature_dim).to(device).eval()
+        diffusion = build_diffusion(cfg)
+        images = ArrayImages(name, np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8), size)
+        prepared = [extractor.normalize(torch.stack([images[i] for i in range(j, min(j + b, n))]).to(device))
+                    for j in range(0, n, b)]
+
+        def backbone_only():
+            with torch.no_grad():
+                for x in prepared:
+                    extractor(x)
+
+        def pipeline():
+            raw = extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), cfg.amp, "bench")
+            z = standardize(raw.to(device), extractor.indices)
+            reconstruct_scores(model, diffusion, z, cfg, ctx, "bench", "end", extractor.indices, "bench")
+
+        t_backbone, t_pipe, slowdown = paired(backbone_only, pipeline, args.repeats)
+        rows += [(f"{name}: config", f"{cfg.backbone.name} @ {size} px, LFDN {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M, "
+                                     f"extract batch {b}, eval batch {cfg.eval.batch_size}, workers {cfg.workers(ctx.cuda)}, {n} images"),
+                 (f"{name}: backbone only, images/s", f"{n / t_backbone:.1f}"),
+                 (f"{name}: whole pipeline, images/s", f"{n / t_pipe:.1f}"),
+                 (f"{name}: pipeline / backbone throughput (target >= 0.90)", f"{1 / slowdown:.3f}")]
+    record("Evaluation overhead", rows, f"device {device}; medians of {args.repeats} alternating runs")
+
+
+if __name__ == "__main__":
+    main()

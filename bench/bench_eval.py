@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 import torch
-
 from common import ROOT, backbone_weights, paired, record
+
 from datasets.images import ArrayImages
 from models.features import MultiLayerFeatures, standardize
 from utils.config import load_config

@@ -7,8 +7,8 @@ The step includes the loss, AdamW and the EMA update. Target: utilisation >= 50%
 import argparse
 
 import torch
-
 from common import paired, record, timed
+
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
 from models.lfdn import LFDN

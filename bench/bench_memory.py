@@ -11,7 +11,6 @@ import tempfile
 
 import psutil
 import torch
-
 from common import ROOT, record
 
 

@@ -11,8 +11,8 @@ import tempfile
 import time
 
 import torch
-
 from common import ROOT, backbone_weights, paired, record
+
 from utils.config import load_config, override
 from utils.distributed import DistContext
 from utils.training import build_trainer

@@ -9,14 +9,12 @@ LFDN reconstruction, the whole pipeline (our extraction + reconstruction code, d
 and, as an alternative we do not ship, resizing on the GPU with its effect on the features.
 """
 import argparse
-import os
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import backbone_weights, record, timed
+
 from datasets.images import ArrayImages
 from models.features import MultiLayerFeatures, standardize
 from utils.config import Config

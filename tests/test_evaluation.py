@@ -160,7 +160,10 @@ def test_bad_inputs_give_one_line_and_lose_nothing(trained):
     assert "720-d features" in line and "512-d" in line
     assert "unknown dataset 'imagenet'" in fails("--pretrained_ldm_ckpt", good, *cfg, "--ood", "X=imagenet")
     line = fails("--pretrained_ldm_ckpt", good, *cfg, "--ood", "A=folder:nowhere", "--ood", "B=svhn")
-    assert "2 OOD set(s) missing" in line and "nowhere" in line and "test_32x32.mat" in line
+    assert "2 set(s) missing" in line and "nowhere" in line and "test_32x32.mat" in line
+    line = fails("--pretrained_ldm_ckpt", good, *cfg, "--dataset", "cifar10", "--ood", "A=folder:nowhere",
+                 "--skip_missing")
+    assert "ID test set (cifar10)" in line and "cifar-10-batches-py" in line and "nowhere" in line
     (t.tmp / "data" / "empty").mkdir(parents=True, exist_ok=True)
     assert "no images" in fails("--pretrained_ldm_ckpt", good, *cfg, "--ood", "E=folder:empty")
     bad = t.tmp / "data" / "bad"

@@ -108,6 +108,20 @@ def test_missing_weights_give_one_line_naming_the_file(tmp_path, monkeypatch):
         MultiLayerFeatures("vgg16")
 
 
+def test_backbone_weights_that_do_not_fit_are_refused(tmp_path):
+    lite = MultiLayerFeatures("efficientnet-lite0").backbone.state_dict()
+    without_head = {k: v for k, v in lite.items() if not k.startswith(("_fc.", "_conv_head.", "_bn1."))}
+    a = MultiLayerFeatures("efficientnet-lite0", state_dict=without_head)  # the head is not used
+    assert a.identity == MultiLayerFeatures("efficientnet-lite0").identity
+    broken = {k: v for k, v in without_head.items() if not k.startswith("_blocks.3.")}
+    with pytest.raises(UserError, match=r"missing _blocks\.3\."):
+        MultiLayerFeatures("efficientnet-lite0", state_dict=broken)
+    path = tmp_path / "b4.pth"
+    torch.save(MultiLayerFeatures("efficientnet-b4", weights="random").backbone.state_dict(), path)
+    with pytest.raises(UserError, match="not weights of this backbone"):
+        MultiLayerFeatures("efficientnet-lite0", weights=str(path))
+
+
 def test_local_weights_file_is_used(tmp_path):
     a = MultiLayerFeatures("efficientnet-lite0")
     sd = {k: v.clone() + (0.5 if k == "_bn0.bias" else 0) for k, v in a.backbone.state_dict().items()}

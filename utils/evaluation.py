@@ -15,18 +15,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from datasets import ImageSet, build_dataset, build_datasets
+from datasets import ImageSet, build_datasets
 from models.features import MultiLayerFeatures, standardize, weights_digest
 from models.lfdn import LFDN
-from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
+from utils.checkpoint import check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.errors import UserError
 from utils.features import autocast, load_or_extract
 from utils.metrics import ood_metrics
+from utils.model_factory import build_diffusion
 from utils.progress import progress
 from utils.scores import likelihood_regret, mfsim_score, mse_score
-from utils.model_factory import build_diffusion
 
 log = logging.getLogger("dlsr")
 ID_NAME = "ID"
@@ -95,18 +95,16 @@ def find_sets(cfg: Config, skip_missing: bool):
     """Build the ID test set and every OOD set before any computing; report all missing ones at once."""
     if ID_NAME in cfg.eval.ood:
         raise UserError(f"an OOD set may not be called {ID_NAME!r}: that name is the ID test set's")
-    size = cfg.backbone.input_size
-    try:
-        id_set = build_dataset(cfg.eval.dataset, "test", cfg.data_path, size, cfg.download)
-    except UserError as e:
-        raise UserError(f"ID test set {cfg.eval.dataset}: {e}") from None
-    found, missing = build_datasets(cfg.eval.ood, "test", cfg.data_path, size, cfg.download)
-    if missing and not skip_missing:
-        lines = "; ".join(f"{name} ({cfg.eval.ood[name]}): {why}" for name, why in missing.items())
-        raise UserError(f"{len(missing)} OOD set(s) missing, nothing computed (use --skip_missing to go on "
-                        f"without them): {lines}")
+    specs = {ID_NAME: cfg.eval.dataset, **cfg.eval.ood}
+    found, missing = build_datasets(specs, "test", cfg.data_path, cfg.backbone.input_size, cfg.download)
+    if missing and (ID_NAME in missing or not skip_missing):
+        lines = "; ".join(f"{'ID test set' if name == ID_NAME else name} ({specs[name]}): {why}"
+                          for name, why in missing.items())
+        hint = "" if ID_NAME in missing else " (use --skip_missing to go on without the OOD ones)"
+        raise UserError(f"{len(missing)} set(s) missing, nothing computed{hint}: {lines}")
     for name, why in missing.items():
         log.warning("skipping missing OOD set %s: %s", name, why)
+    id_set = found.pop(ID_NAME)
     return id_set, found, missing
 
 

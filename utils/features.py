@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Subset
 from datasets import ImageSet
 from models.features import MultiLayerFeatures
 from utils.atomic import atomic_torch_save
-from utils.progress import progress
 from utils.distributed import DistContext, barrier, gather_interleaved
+from utils.progress import progress
 
 log = logging.getLogger("dlsr")
 CACHE_VERSION = 1

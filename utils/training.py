@@ -26,13 +26,19 @@ from models.ema import EMA
 from models.features import MultiLayerFeatures, standardize
 from models.lfdn import LFDN
 from utils.atomic import atomic_link
-from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint, make_payload, save_checkpoint
+from utils.checkpoint import (
+    LoadedCheckpoint,
+    check_against,
+    load_checkpoint,
+    make_payload,
+    save_checkpoint,
+)
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.features import autocast, image_loader, load_or_extract
-from utils.progress import progress
 from utils.model_factory import build_diffusion, build_lfdn
+from utils.progress import progress
 
 log = logging.getLogger("dlsr")
 

@@ -83,25 +83,3 @@ class GaussianDiffusion:
             if sigma > 0:
                 x = x + sigma * randn()
         return x
-
-    def schedule_buffers(self) -> dict:
-        """The schedule as the twelve float32 buffers latent-diffusion stores in its state dict."""
-        betas = self.betas
-        abar = self.alphas_cumprod
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        post_var = betas * (1 - abar_prev) / (1 - abar)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": abar,
-            "alphas_cumprod_prev": abar_prev,
-            "sqrt_alphas_cumprod": abar.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
-            "log_one_minus_alphas_cumprod": (1 - abar).log(),
-            "sqrt_recip_alphas_cumprod": (1 / abar).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1 / abar - 1).sqrt(),
-            "posterior_variance": post_var,
-            "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
-            "posterior_mean_coef1": betas * abar_prev.sqrt() / (1 - abar),
-            "posterior_mean_coef2": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
-        }
-        return {k: v.float() for k, v in buffers.items()}

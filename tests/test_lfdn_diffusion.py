@@ -127,13 +127,6 @@ def test_reconstruction_is_reproducible_and_works_for_any_shape():
     assert a.shape == z0.shape and torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_schedule_buffers_follow_latent_diffusion():
-    buf = GaussianDiffusion().schedule_buffers()
-    assert len(buf) == 12
-    assert buf["alphas_cumprod_prev"][0] == 1.0
-    assert torch.allclose(buf["sqrt_recipm1_alphas_cumprod"] ** 2, 1 / buf["alphas_cumprod"] - 1, rtol=1e-4)
-
-
 def test_ema_rule_by_hand():
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)

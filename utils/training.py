@@ -82,10 +82,6 @@ class Trainer:
     cached: Optional[torch.Tensor]   # (N, D) standardised features on device, or None for the image path
     start_epoch: int = 0
 
-    @property
-    def amp(self) -> bool:
-        return self.cfg.amp and self.ctx.cuda
-
     def sampler(self, epoch: int) -> DistributedSampler:
         s = DistributedSampler(range(len(self.dataset)), num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                shuffle=True, seed=self.cfg.train.seed, drop_last=True)

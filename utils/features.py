@@ -64,10 +64,14 @@ def cache_key(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, inpu
             "precision": precision, "split": split, "dataset": dataset.identity()}
 
 
+def file_stem(name: str) -> str:
+    """A dataset or set name as a safe file name stem ("folder:dtd/images" -> "folder_dtd_images")."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "set"
+
+
 def cache_path(cache_dir: str, key: dict) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key["dataset"]["name"]).strip("_") or "set"
-    return os.path.join(cache_dir, f"{slug}-{key['split']}-{digest}.pt")
+    return os.path.join(cache_dir, f"{file_stem(key['dataset']['name'])}-{key['split']}-{digest}.pt")
 
 
 def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, ctx: DistContext, *,

@@ -9,21 +9,17 @@ import io
 import json
 import logging
 import os
-import re
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from utils.atomic import atomic_file, atomic_write_text
 from utils.evaluation import ID_NAME, EvalResult
+from utils.features import file_stem
 
 log = logging.getLogger("dlsr")
 METRICS = ("AUROC", "FPR95", "AUPR_In", "AUPR_Out")
 LABELS = {"AUROC": "AUROC", "FPR95": "FPR95", "AUPR_In": "AUPR-In", "AUPR_Out": "AUPR-Out"}
-
-
-def file_stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "set"
 
 
 def mean_row(rows: Dict[str, Optional[dict]]) -> Optional[dict]:

@@ -11,6 +11,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -46,15 +47,23 @@ def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, *
 
 
 @torch.no_grad()
+def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, amp: bool,
+                      chunk: Optional[int] = None) -> torch.Tensor:
+    """uint8 images (B, H, W[, 3]) -> raw pooled vectors (B, D) float32, the backbone run ``chunk`` at a time."""
+    x = extractor.normalize(images.to(ctx.device, non_blocking=True))  # (B, 3, S, S)
+    chunk = chunk or len(x)
+    with autocast(ctx, amp):
+        return torch.cat([extractor(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
 def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: DistContext, batch_size: int,
                      num_workers: int, amp: bool, desc: str) -> torch.Tensor:
     """Run the backbone over ``dataset`` (each rank a strided shard) -> (N, D) on every rank."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     out = []
     for images in progress(image_loader(shard, ctx, batch_size, num_workers), desc, ctx.is_main, unit="batch"):
-        x = extractor.normalize(images.to(ctx.device, non_blocking=True))  # (B, 3, S, S)
-        with autocast(ctx, amp):
-            out.append(extractor(x).float())  # (B, D)
+        out.append(backbone_features(extractor, images, ctx, amp))  # (B, D)
     local = torch.cat(out) if out else torch.empty(0, extractor.feature_dim, device=ctx.device)
     return gather_interleaved(local, len(dataset), ctx).cpu()
 

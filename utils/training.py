@@ -36,7 +36,7 @@ from utils.checkpoint import (
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier
 from utils.errors import UserError
-from utils.features import autocast, image_loader, load_or_extract
+from utils.features import autocast, backbone_features, image_loader, load_or_extract
 from utils.model_factory import build_diffusion, build_lfdn
 from utils.progress import progress
 
@@ -99,11 +99,9 @@ class Trainer:
             return
         # The release's way: the frozen backbone runs on every image in every epoch.
         loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=sampler, drop_last=True)
-        chunk = self.cfg.extract_batch_size  # the backbone's batch, as in extraction: same speed per image
         for images in loader:
-            x = self.extractor.normalize(images.to(self.ctx.device, non_blocking=True))
-            with autocast(self.ctx, self.cfg.amp):
-                raw = torch.cat([self.extractor(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+            # The backbone's batch is extract_batch_size, as in extraction: the same speed per image.
+            raw = backbone_features(self.extractor, images, self.ctx, self.cfg.amp, self.cfg.extract_batch_size)
             yield standardize(raw, self.extractor.indices)
 
     def steps_per_epoch(self) -> int:

@@ -1,9 +1,10 @@
 """Image sets as the extractor consumes them: resized uint8 (S, S, 3) tensors ((S, S) for grayscale arrays).
 
-REFERENCE §1: PIL -> RGB -> Resize([S, S]) bilinear -> ToTensor -> Normalize. The per-image part
-(decode and resize) runs here, in DataLoader workers; ToTensor + Normalize are done once per batch
-by ``MultiLayerFeatures.normalize`` (bit-identical, a test checks it). Grayscale images are resized
-in "L" mode and then copied to three channels, which gives the same bytes as converting first.
+REFERENCE §1: PIL -> RGB -> Resize([S, S]) bilinear -> ToTensor -> Normalize. Decoding and
+resizing run here (in DataLoader workers where there are any); ToTensor + Normalize are done once
+per batch by ``MultiLayerFeatures.normalize`` (bit-identical, a test checks it). Grayscale images
+are resized in "L" mode and copied to three channels later, which gives the same bytes as
+converting first. In-memory arrays are resized a whole batch per PIL call (``resize_batch``).
 """
 import hashlib
 import os
@@ -25,6 +26,37 @@ def resized(img: Image.Image, size: int) -> np.ndarray:
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return np.array(img.resize((size, size), Image.BILINEAR))
+
+
+def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (B, H, W) or (B, H, W, 3) -> (B, size, size[, 3]), equal bit for bit to ``resized`` on each image.
+
+    Pillow's bilinear resize is two separable passes, horizontal then vertical, through an 8-bit
+    intermediate image, with weights that depend only on the input and output lengths. Rows are
+    independent in the first pass and columns in the second, so a group of images goes through the
+    first stacked vertically and through the second side by side: two PIL calls per group.
+    Recent Pillow runs the vertical pass first when the height shrinks more than twice as much as
+    the width; such images (never square ones) are resized one by one.
+    """
+    b, h, w = images.shape[:3]
+    if h - size > 0 and h - size > 2 * (w - size):
+        return np.stack([resized(Image.fromarray(x), size) for x in images])
+    group = max(1, 4096 // size)  # wider than ~4096 px, Pillow's vertical pass slows down (measured)
+    if b <= group:
+        return _resize_group(images, size)
+    return np.concatenate([_resize_group(images[i:i + group], size) for i in range(0, b, group)])
+
+
+def _resize_group(images: np.ndarray, size: int) -> np.ndarray:
+    b, h, w = images.shape[:3]
+    c = images.shape[3:]  # () or (3,)
+    if w != size:  # (B*H, W) -> (B*H, size)
+        tall = Image.fromarray(np.ascontiguousarray(images).reshape(b * h, w, *c))
+        images = np.asarray(tall.resize((size, b * h), Image.BILINEAR)).reshape(b, h, size, *c)
+    if h != size:  # (H, B*size) -> (size, B*size)
+        wide = Image.fromarray(np.ascontiguousarray(np.swapaxes(images, 0, 1)).reshape(h, b * size, *c))
+        images = np.swapaxes(np.asarray(wide.resize((b * size, size), Image.BILINEAR)).reshape(size, b, size, *c), 0, 1)
+    return np.require(images, requirements=["C", "W"])  # torch.from_numpy wants a writable array
 
 
 def to_rgb_resized(img: Image.Image, size: int) -> torch.Tensor:
@@ -74,8 +106,11 @@ class ArrayImages(ImageSet):
         return Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB")
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        # A grayscale set stays one channel here: the batched normalize copies it to three.
-        return torch.from_numpy(resized(self.load(i), self.image_size))
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """DataLoader's batched fetch. A grayscale set stays one channel: normalize copies it to three."""
+        return list(torch.from_numpy(resize_batch(self.array[np.asarray(indices)], self.image_size)))
 
     def fingerprint(self) -> str:
         h = hashlib.sha1(str(self.array.shape).encode())
@@ -153,6 +188,15 @@ class SubsetImages(ImageSet):
 
     def load(self, i: int) -> Image.Image:
         return self.base.load(self.indices[i])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.base[self.indices[i]]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        mapped = [self.indices[i] for i in indices]
+        if callable(getattr(self.base, "__getitems__", None)):
+            return self.base.__getitems__(mapped)
+        return [self.base[i] for i in mapped]
 
     def fingerprint(self) -> str:
         h = hashlib.sha1(self.base.fingerprint().encode())

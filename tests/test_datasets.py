@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from datasets import build_dataset, build_datasets, random_subset
+from datasets.images import ArrayImages, SubsetImages, resize_batch, resized
 from datasets.registry import DEBIAN_FASHION_MNIST, read_idx_images
 from utils.errors import UserError, one_line
 
@@ -119,3 +120,24 @@ def test_random_subset_is_fixed():
     assert a.indices == b.indices == sorted(a.indices) and len(a) == 10
     assert a.fingerprint() != base.fingerprint()
     assert random_subset(base, None) is base and random_subset(base, 500) is base
+
+
+@pytest.mark.parametrize("channels", [(), (3,)])
+def test_batched_resize_equals_pil_image_by_image(channels):
+    rng = np.random.default_rng(0)
+    # Up, down, mixed and unchanged sides. (100, 30) -> 16 and (64, 20) -> 16 shrink the height more
+    # than twice as much as the width: recent Pillow resizes those vertical pass first.
+    for shape in [(28, 28), (32, 41), (40, 30), (100, 30), (30, 100), (64, 20), (16, 16)]:
+        for size in (16, 64):
+            a = rng.integers(0, 256, (70, *shape, *channels), dtype=np.uint8)  # 70 images: two groups at 64 px
+            expected = np.stack([resized(Image.fromarray(x), size) for x in a])
+            assert np.array_equal(resize_batch(a, size), expected), (shape, size)
+
+
+def test_loader_batches_equal_single_images():
+    base = ArrayImages("x", np.random.default_rng(1).integers(0, 256, (12, 28, 28), dtype=np.uint8), 64)
+    sub = SubsetImages(base, [5, 1, 9, 3, 11])
+    batch = next(iter(torch.utils.data.DataLoader(sub, batch_size=5)))
+    assert batch.shape == (5, 64, 64)
+    assert torch.equal(batch, torch.stack([torch.from_numpy(resized(base.load(i), 64)) for i in (5, 1, 9, 3, 11)]))
+    assert torch.equal(sub[2], base[9])

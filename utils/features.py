@@ -24,6 +24,7 @@ from utils.progress import progress
 
 log = logging.getLogger("dlsr")
 CACHE_VERSION = 1
+DECODE_BATCH = 64
 
 
 @dataclass
@@ -56,14 +57,22 @@ def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: 
         return torch.cat([extractor(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
 
 
+def decode_batch_size(batch_size: int) -> int:
+    """Images decoded per loader step during extraction: about DECODE_BATCH, a multiple of the
+    backbone's batch. Fewer, larger PIL calls and loader steps; the backbone still sees
+    ``batch_size`` images at a time, so the features do not change."""
+    return batch_size * max(1, DECODE_BATCH // batch_size)
+
+
 @torch.no_grad()
 def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: DistContext, batch_size: int,
                      num_workers: int, amp: bool, desc: str) -> torch.Tensor:
     """Run the backbone over ``dataset`` (each rank a strided shard) -> (N, D) on every rank."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     out = []
-    for images in progress(image_loader(shard, ctx, batch_size, num_workers), desc, ctx.is_main, unit="batch"):
-        out.append(backbone_features(extractor, images, ctx, amp))  # (B, D)
+    loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers)
+    for images in progress(loader, desc, ctx.is_main, unit="batch"):
+        out.append(backbone_features(extractor, images, ctx, amp, chunk=batch_size))  # (B, D)
     local = torch.cat(out) if out else torch.empty(0, extractor.feature_dim, device=ctx.device)
     return gather_interleaved(local, len(dataset), ctx).cpu()
 

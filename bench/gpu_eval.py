@@ -6,7 +6,8 @@ Target: >= 3x that (2880 images/s) on one H100. Runs on CPU too (small N) to che
 
 Measured separately: CPU decode + resize (DataLoader workers), backbone fp32 / fp16 autocast,
 LFDN reconstruction, the whole pipeline (our extraction + reconstruction code, default settings),
-and, as an alternative we do not ship, resizing on the GPU with its effect on the features.
+and, as alternatives we do not ship, channels-last convolutions and resizing on the GPU, each
+with its effect on the features.
 """
 import argparse
 
@@ -58,6 +59,23 @@ def main():
         t = timed(fwd, 3)
         rows.append((f"backbone {'fp16 autocast' if amp and cuda else 'fp32'}, prepared tensors, images/s",
                      f"{max(1, n // b // 4) * b / t:.0f}"))
+    # Alternative not shipped: channels-last memory format (other convolution kernels, so other
+    # rounding). Measure the speed and the effect on the standardised features.
+    f_cl = MultiLayerFeatures("efficientnet-b4", backbone_weights("efficientnet-b4")).to(device)
+    f_cl = f_cl.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def fwd_cl():
+        with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=cuda):
+            for _ in range(max(1, n // b // 4)):
+                f_cl(x_cl)
+    t = timed(fwd_cl, 3)
+    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=cuda):
+        ref, alt = standardize(f(x).float(), f.indices), standardize(f_cl(x_cl).float(), f.indices)
+    rows += [(f"backbone {'fp16 autocast' if cuda else 'fp32'} channels_last (not shipped), images/s",
+              f"{max(1, n // b // 4) * b / t:.0f}"),
+             ("channels_last vs default: max abs difference of standardised features", f"{(ref - alt).abs().max():.2e}")]
+
     z = standardize(torch.randn(n, 720, device=device), f.indices)
     for amp in (False, True):
         cfg.amp = amp

@@ -54,27 +54,28 @@ def main():
                 for x in prepared:
                     extractor(x)
 
-        def pipeline():
-            raw = extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), cfg.amp, "bench")
+        def extract():
+            return extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), cfg.amp, "bench")
+
+        def reconstruct(raw):
             z = standardize(raw.to(device), extractor.indices)
             reconstruct_scores(model, diffusion, z, cfg, ctx, "bench", "end", extractor.indices, "bench")
+
+        def pipeline():
+            reconstruct(extract())
 
         def decode_only():
             for _ in image_loader(images, ctx, decode_batch_size(b), cfg.workers(ctx.cuda)):
                 pass
 
-        raw = extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), cfg.amp, "bench")
-
-        def reconstruction_only():
-            z = standardize(raw.to(device), extractor.indices)
-            reconstruct_scores(model, diffusion, z, cfg, ctx, "bench", "end", extractor.indices, "bench")
-
+        raw = extract()
         t_backbone, t_pipe, slowdown = paired(backbone_only, pipeline, repeats)
         parts = {"decode + resize": timed(decode_only, 3, 1), "backbone": t_backbone,
-                 "reconstruction + scores": timed(reconstruction_only, 3, 1)}
-        rows += [(f"{name}: config", f"{cfg.backbone.name} @ {size} px, LFDN {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M, "
-                                     f"extract batch {b}, eval batch {cfg.eval.batch_size}, workers {cfg.workers(ctx.cuda)}, {n} images, "
-                                     f"{repeats} pairs"),
+                 "reconstruction + scores": timed(lambda: reconstruct(raw), 3, 1)}
+        lfdn_m = sum(q.numel() for q in model.parameters()) / 1e6
+        setup = (f"{cfg.backbone.name} @ {size} px, LFDN {lfdn_m:.1f}M, extract batch {b}, eval batch {cfg.eval.batch_size}, "
+                 f"workers {cfg.workers(ctx.cuda)}, {n} images, {repeats} pairs")
+        rows += [(f"{name}: config", setup),
                  (f"{name}: backbone only, images/s", f"{n / t_backbone:.1f}"),
                  (f"{name}: whole pipeline, images/s", f"{n / t_pipe:.1f}"),
                  (f"{name}: pipeline / backbone throughput (target >= 0.90)", f"{1 / slowdown:.3f}"),

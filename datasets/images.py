@@ -4,7 +4,7 @@ REFERENCE §1: PIL -> RGB -> Resize([S, S]) bilinear -> ToTensor -> Normalize. D
 resizing run here (in DataLoader workers where there are any); ToTensor + Normalize are done once
 per batch by ``MultiLayerFeatures.normalize`` (bit-identical, a test checks it). Grayscale images
 are resized in "L" mode and copied to three channels later, which gives the same bytes as
-converting first. In-memory arrays are resized a whole batch per PIL call (``resize_batch``).
+converting first. In-memory arrays are resized a group of images per PIL call (``resize_batch``).
 """
 import hashlib
 import os

@@ -1,6 +1,6 @@
 """Image sets as the extractor consumes them: resized uint8 (S, S, 3) tensors ((S, S) for grayscale arrays).
 
-REFERENCE §1: PIL -> RGB -> Resize([S, S]) bilinear -> ToTensor -> Normalize. Decoding and
+docs/METHOD.md §1: PIL -> RGB -> Resize([S, S]) bilinear -> ToTensor -> Normalize. Decoding and
 resizing run here (in DataLoader workers where there are any); ToTensor + Normalize are done once
 per batch by ``MultiLayerFeatures.normalize`` (bit-identical, a test checks it). Grayscale images
 are resized in "L" mode and copied to three channels later, which gives the same bytes as

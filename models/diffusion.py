@@ -1,4 +1,4 @@
-"""All of the diffusion math: schedule, noising, x0 loss, partial DDIM reconstruction (REFERENCE §4-5).
+"""All of the diffusion math: schedule, noising, x0 loss, partial DDIM reconstruction (docs/METHOD.md §4-5).
 
 The network is passed in as an argument and only ever sees ``(x, t)``. Everything here works
 for any tensor shape ``(B, ...)``; time coefficients are broadcast over the trailing dims.

@@ -1,4 +1,4 @@
-"""Exponential moving average of the LFDN weights, with latent-diffusion's warm-up rule (REFERENCE §4)."""
+"""Exponential moving average of the LFDN weights, with latent-diffusion's warm-up rule (docs/METHOD.md §4)."""
 import copy
 
 import torch

@@ -1,4 +1,4 @@
-"""Frozen multi-layer semantic features (REFERENCE §2).
+"""Frozen multi-layer semantic features (docs/METHOD.md §2).
 
 An ImageNet backbone is tapped at the end of several stages; every map is resized to
 stride 16 with bilinear ``align_corners=True`` (what the release's ``UpsamplingBilinear2d``
@@ -166,10 +166,11 @@ def _build(name: str) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
         return EfficientNet.from_name(name)
     from efficientnet_pytorch import EfficientNet
-    # Default construction, as the release: same-padding is precomputed for b4's 380 px.
-    net = EfficientNet.from_name(name)
-    net.set_swish(memory_efficient=False)
-    return net
+    # Default construction, as the release: same-padding is precomputed for b4's 380 px, and swish
+    # is the package's MemoryEfficientSwish, i.e. x * sigmoid(x). Its export switch
+    # (set_swish(memory_efficient=False)) installs nn.SiLU, whose fused kernel rounds differently
+    # by ~1e-6 per activation; b4 amplifies that to O(1) in the standardised last layer.
+    return EfficientNet.from_name(name)
 
 
 def _load_weights(net: nn.Module, name: str, spec: BackboneSpec, weights: Optional[str]) -> str:

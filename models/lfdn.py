@@ -1,4 +1,4 @@
-"""LFDN: the latent feature diffusion network, an MLP of residual blocks (REFERENCE §3).
+"""LFDN: the latent feature diffusion network, an MLP of residual blocks (docs/METHOD.md §3).
 
 Parameter names follow the authors' release so that their state dict, with the
 prefix ``model.diffusion_model.`` removed, loads with ``strict=True``.

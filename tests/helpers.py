@@ -44,9 +44,10 @@ class Tiny:
         return str(path)
 
 
-def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 300):
-    """Run an entry script of the repository as a user would, on the CPU."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1" if torchrun else "2"}
+def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 300, threads: int = 0):
+    """Run an entry script of the repository as a user would, on the CPU (``threads``: default 1 per rank
+    under torchrun, else 2)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads or (1 if torchrun else 2))}
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                script, *args]
@@ -59,9 +60,32 @@ def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, t
     return proc
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(script: str, node_args, timeout: int = 300):
+    """Run ``script`` as two torchrun "nodes" of one process each over localhost, node i with
+    ``node_args[i]`` (so each node can have its own cache folder, as with per-node disks)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i, args in enumerate(node_args)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:
+            raise AssertionError(f"node {i} exited {p.returncode}\nstderr:\n{err[-5000:]}")
+    return outs
+
+
 def write_release_checkpoint(path, lfdn_raw: dict, lfdn_ema: dict, backbone: dict = None, feature_dim: int = 720,
                              epoch: int = 149, alphas_cumprod=None):
-    """A checkpoint in the authors' layout, built from REFERENCE §8's key rules (not from our loader)."""
+    """A checkpoint in the authors' layout, built from docs/METHOD.md §8's key rules (not from our loader)."""
     import argparse
 
     import numpy as np

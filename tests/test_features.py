@@ -147,3 +147,77 @@ def test_extraction_decodes_in_large_batches_but_runs_the_backbone_batch_by_batc
         if torch.equal(f(x), expected):
             pytest.skip("on this CPU, batch size does not change the backbone's outputs: nothing to tell apart")
     assert torch.equal(got, expected)
+
+
+def calibrated(name: str) -> MultiLayerFeatures:
+    """A random backbone whose BatchNorm statistics come from noise images, so activations are O(1)
+    everywhere (with fresh statistics b4's deep layers are nearly zero and hide rounding differences)."""
+    f = MultiLayerFeatures(name, weights="random")
+    g = torch.Generator().manual_seed(0)
+    f.backbone.train()
+    for m in f.backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(2):
+            f.backbone(torch.randn(4, 3, 224, 224, generator=g))
+    f.backbone.eval()
+    return f
+
+
+def release_neck(maps, strides):
+    """The release: UpsamplingBilinear2d(scale_factor=stride/16) on every map, concatenate, average."""
+    up = [nn.UpsamplingBilinear2d(scale_factor=s / 16)(m) for m, s in zip(maps, strides)]
+    return torch.cat(up, dim=1).mean(dim=(2, 3))
+
+
+def literal_b4_taps(net, x):
+    """b4 block by block, written out, with swish computed as the release computes it: x * sigmoid(x)."""
+    def swish(v):
+        return v * torch.sigmoid(v)
+
+    x = swish(net._bn0(net._conv_stem(x)))
+    maps = []
+    for idx, b in enumerate(net._blocks[:32]):
+        inputs = x
+        if b._block_args.expand_ratio != 1:
+            x = swish(b._bn0(b._expand_conv(x)))
+        x = swish(b._bn1(b._depthwise_conv(x)))
+        if b.has_se:
+            s = b._se_expand(swish(b._se_reduce(torch.nn.functional.adaptive_avg_pool2d(x, 1))))
+            x = torch.sigmoid(s) * x
+        x = b._bn2(b._project_conv(x))
+        args = b._block_args
+        if b.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+            x = x + inputs
+        if idx in (1, 5, 9, 21, 31):
+            maps.append(x)
+    return maps
+
+
+def test_b4_features_equal_the_release_arithmetic_to_the_last_bit():
+    f = calibrated("efficientnet-b4")
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        maps = literal_b4_taps(f.backbone, x)
+        assert maps[-1].abs().mean() > 0.05  # calibrated: the deepest tap is far from zero
+        reference = release_neck(maps, (2, 4, 8, 16, 32))  # (3, 720)
+        ours = f(x)
+    assert torch.equal(ours, reference), (ours - reference).abs().max().item()
+    assert torch.equal(standardize(ours, f.indices), standardize(reference, f.indices))
+
+
+def test_resnet50_features_equal_torchvisions_own_forward_to_the_last_bit():
+    f = calibrated("resnet50")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    maps = []
+    hooks = [getattr(f.backbone, s).register_forward_hook(lambda m, i, o: maps.append(o))
+             for s in ("layer1", "layer2", "layer3")]
+    with torch.no_grad():
+        f.backbone(x)  # torchvision's forward, hooked at the three stages
+        for h in hooks:
+            h.remove()
+        reference = release_neck(maps, (4, 8, 16))  # (2, 1792)
+        ours = f(x)
+    assert torch.equal(ours, reference), (ours - reference).abs().max().item()

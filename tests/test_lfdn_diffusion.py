@@ -10,7 +10,7 @@ from models.lfdn import LFDN, timestep_embedding
 
 
 def release_lfdn_keys(blocks=16):
-    """The LFDN part of REFERENCE §8's key list, written out by hand (prefix model.diffusion_model. removed)."""
+    """The LFDN part of docs/METHOD.md §8's key list, written out by hand (prefix model.diffusion_model. removed)."""
     keys = ["input_proj.1.weight", "input_proj.1.bias", "time_embed.0.weight", "time_embed.0.bias",
             "time_embed.2.weight", "time_embed.2.bias", "out.0.weight", "out.0.bias", "out.2.weight", "out.2.bias"]
     for n in range(blocks):
@@ -65,7 +65,7 @@ def test_q_sample_and_x0_loss():
 
 
 def reference_release_ddim(net, z0, k, eta, seed):
-    """REFERENCE §5 evaluated literally, with an independently computed schedule; z drawn at every step."""
+    """docs/METHOD.md §5 evaluated literally, with an independently computed schedule; z drawn at every step."""
     betas = np.linspace(math.sqrt(0.0015), math.sqrt(0.0195), 100) ** 2
     abar = np.cumprod(1 - betas)
     g = torch.Generator().manual_seed(seed)

@@ -1,16 +1,22 @@
 """Writes that either happen whole or not at all: temporary file beside the target, fsync, rename."""
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 
 import torch
+
+
+def temp_name(path: str) -> str:
+    """A temporary name beside ``path``, unique per host and process (nodes may share the folder)."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 @contextmanager
 def atomic_file(path: str, mode: str = "wb"):
     """Open a temporary file for writing; it replaces ``path`` only if the block finishes."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -34,7 +40,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_link(src: str, dst: str) -> None:
     """Make ``dst`` a second name of ``src`` (a copy where hard links are not supported), atomically."""
-    tmp = f"{dst}.tmp-{os.getpid()}"
+    tmp = temp_name(dst)
     try:
         try:
             os.link(src, tmp)

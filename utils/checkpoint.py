@@ -1,4 +1,4 @@
-"""Checkpoints: our one-file format (written atomically) and the authors' release files (REFERENCE §8).
+"""Checkpoints: our one-file format (written atomically) and the authors' release files (docs/METHOD.md §8).
 
 Every load uses ``torch.load(weights_only=True)``; the only class allowed beyond tensors and
 containers is ``argparse.Namespace`` (the release stores its ``args`` as one). A pickle that asks

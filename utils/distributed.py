@@ -74,19 +74,44 @@ def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t / ctx.world_size
 
 
-def gather_interleaved(local: torch.Tensor, total: int, ctx: DistContext) -> torch.Tensor:
-    """Rank r holds rows r, r+W, r+2W, ... of a (total, ...) tensor; return the whole tensor on every rank."""
+def block_rows(total: int, block: int, rank: int, world_size: int) -> torch.Tensor:
+    """Row indices of blocks rank, rank + W, rank + 2W, ... of ``block`` consecutive rows, in order."""
+    rows = torch.arange(total)
+    return rows[(rows // block) % world_size == rank]
+
+
+def gather_interleaved(local: torch.Tensor, total: int, ctx: DistContext, block: int = 1) -> torch.Tensor:
+    """Rank r holds the rows ``block_rows(total, block, r, W)`` of a (total, ...) tensor, in order;
+    return the whole tensor on every rank."""
     if not ctx.distributed:
         return local
-    rows = -(-total // ctx.world_size)
-    padded = local.new_zeros((rows, *local.shape[1:]))
+    owned = [block_rows(total, block, r, ctx.world_size) for r in range(ctx.world_size)]
+    padded = local.new_zeros((max(len(o) for o in owned), *local.shape[1:]))
     padded[: local.shape[0]] = local
     if not ctx.cuda:
         padded = padded.cpu()
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(parts, padded)
     out = local.new_empty((total, *local.shape[1:]))
-    for r, part in enumerate(parts):
-        n = len(range(r, total, ctx.world_size))
-        out[r::ctx.world_size] = part[:n].to(out.device)
+    for rows, part in zip(owned, parts):
+        out[rows.to(out.device)] = part[: len(rows)].to(out.device)
     return out
+
+
+def ranks_holding(flag: bool, ctx: DistContext) -> list:
+    """The ranks for which ``flag`` is true, the same list on every rank."""
+    if not ctx.distributed:
+        return [0] if flag else []
+    have = torch.zeros(ctx.world_size, device=ctx.device)
+    have[ctx.rank] = float(flag)
+    dist.all_reduce(have)
+    return [r for r in range(ctx.world_size) if have[r] > 0]
+
+
+def broadcast_from(t: torch.Tensor, src: int, ctx: DistContext) -> torch.Tensor:
+    """``t`` of rank ``src`` on every rank (every rank passes a tensor of the same shape and dtype)."""
+    if not ctx.distributed:
+        return t
+    buf = t.to(ctx.device).contiguous()
+    dist.broadcast(buf, src)
+    return buf

@@ -1,6 +1,6 @@
 """Feature extraction, once per (backbone weights, input size, precision, dataset content, split).
 
-The backbone is frozen and there is no augmentation (REFERENCE §1), so an image's raw pooled
+The backbone is frozen and there is no augmentation (docs/METHOD.md §1), so an image's raw pooled
 vector never changes. It is computed once, stored under a key that names everything it depends
 on, and a stored file whose key differs is never used.
 """
@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Subset
 from datasets import ImageSet
 from models.features import MultiLayerFeatures
 from utils.atomic import atomic_torch_save
-from utils.distributed import DistContext, barrier, gather_interleaved
+from utils.distributed import DistContext, barrier, block_rows, broadcast_from, gather_interleaved, ranks_holding
 from utils.progress import progress
 
 log = logging.getLogger("dlsr")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the backbone batch is part of the key
 DECODE_BATCH = 64
 
 
@@ -67,19 +67,25 @@ def decode_batch_size(batch_size: int) -> int:
 @torch.no_grad()
 def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: DistContext, batch_size: int,
                      num_workers: int, amp: bool, desc: str) -> torch.Tensor:
-    """Run the backbone over ``dataset`` (each rank a strided shard) -> (N, D) on every rank."""
-    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    """Run the backbone over ``dataset`` -> (N, D) float32 on every rank, on ``ctx.device``.
+
+    Ranks take whole backbone batches round-robin (rank r: batches r, r + W, ...), so every image
+    goes through the backbone in exactly the batch it would meet in one process: the features do
+    not depend on the number of ranks, not even at rounding level.
+    """
+    shard = Subset(dataset, block_rows(len(dataset), batch_size, ctx.rank, ctx.world_size).tolist())
     out = []
     loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers)
     for images in progress(loader, desc, ctx.is_main, unit="batch"):
         out.append(backbone_features(extractor, images, ctx, amp, chunk=batch_size))  # (B, D)
     local = torch.cat(out) if out else torch.empty(0, extractor.feature_dim, device=ctx.device)
-    return gather_interleaved(local, len(dataset), ctx).cpu()
+    return gather_interleaved(local, len(dataset), ctx, block=batch_size)
 
 
-def cache_key(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, input_size: int, precision: str) -> dict:
+def cache_key(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, input_size: int, precision: str,
+              backbone_batch: int) -> dict:
     return {"version": CACHE_VERSION, "backbone": extractor.identity, "input_size": input_size,
-            "precision": precision, "split": split, "dataset": dataset.identity()}
+            "precision": precision, "backbone_batch": backbone_batch, "split": split, "dataset": dataset.identity()}
 
 
 def file_stem(name: str) -> str:
@@ -95,28 +101,50 @@ def cache_path(cache_dir: str, key: dict) -> str:
 def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, ctx: DistContext, *,
                     cache_dir: str, input_size: int, batch_size: int, num_workers: int, amp: bool,
                     use_cache: bool = True, desc: str = "features") -> Features:
-    """Raw features of ``dataset`` from the cache when its key matches, else extracted (and stored)."""
-    key = cache_key(extractor, dataset, split, input_size, precision_tag(ctx, amp))
+    """Raw features of ``dataset`` from the cache when its key matches, else extracted (and stored).
+
+    Every rank looks at its own cache folder, then all ranks take one decision together, so nodes
+    with or without a shared filesystem agree: if every rank holds the file, each reads its own;
+    if some do, the lowest such rank sends its features to the others (no extraction); if none
+    do, all ranks extract together. A rank that lacked the file and is its node's first process
+    then stores it, unless an earlier writer already did (a shared filesystem).
+    """
+    key = cache_key(extractor, dataset, split, input_size, precision_tag(ctx, amp), batch_size)
     path = cache_path(cache_dir, key)
-    if use_cache and os.path.isfile(path):
-        stored = _read(path)
-        if stored is not None and stored.get("key") == key and \
-                tuple(stored["features"].shape) == (len(dataset), extractor.feature_dim):
-            return Features(stored["features"], 0.0, True)
-        if ctx.is_main:
-            log.warning("feature cache %s does not match this run; extracting again", path)
+    shape = (len(dataset), extractor.feature_dim)
+    stored = _read_valid(path, key, shape) if use_cache else None
+    holders = ranks_holding(stored is not None, ctx)
+    if len(holders) == ctx.world_size:
+        return Features(stored, 0.0, True)
     start = time.perf_counter()
-    feats = extract_features(extractor, dataset, ctx, batch_size, num_workers, amp, desc)
+    if holders:
+        feats = broadcast_from(stored if stored is not None else torch.empty(shape), holders[0], ctx).cpu()
+    else:
+        feats = extract_features(extractor, dataset, ctx, batch_size, num_workers, amp, desc).cpu()
     seconds = time.perf_counter() - start
     if use_cache:
-        if ctx.is_main:
+        # Rank 0 first, then the first process of every other node that still lacks the file.
+        writes_first = ctx.is_main and stored is None
+        if writes_first:
             atomic_torch_save({"key": key, "features": feats}, path)
         barrier(ctx)
-    return Features(feats, seconds, False)
+        if stored is None and not writes_first and ctx.local_rank == 0 and not os.path.isfile(path):
+            atomic_torch_save({"key": key, "features": feats}, path)
+        barrier(ctx)
+    return Features(feats, seconds if not holders else 0.0, bool(holders))
 
 
-def _read(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged cache file is simply rebuilt
+def _read_valid(path: str, key: dict, shape: tuple) -> Optional[torch.Tensor]:
+    """The stored features if ``path`` holds exactly this key and shape; None (with a warning why) otherwise."""
+    if not os.path.isfile(path):
         return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        log.warning("feature cache %s is damaged (unreadable); extracting again and rewriting it", path)
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key or \
+            tuple(getattr(stored.get("features"), "shape", ())) != shape:
+        log.warning("feature cache %s was written for other inputs; extracting again and rewriting it", path)
+        return None
+    return stored["features"]

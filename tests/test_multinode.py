@@ -1,0 +1,61 @@
+"""Two torchrun "nodes" over localhost whose feature caches are separate folders, as with per-node
+disks: one node holds the cache a single-process run filled, the other starts empty."""
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import Tiny, run_script, run_two_nodes
+from utils.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process with batch 32: the reference run, which also fills cache folder A."""
+    t = Tiny(tmp_path_factory.mktemp("nodes"))
+    t.one = t.write("one.yaml", output_dir=str(t.tmp / "one"), cache_dir=str(t.tmp / "A"),
+                    train={"epochs": 2, "batch_size": 32})
+    t.two = t.write("two.yaml", train={"epochs": 2, "batch_size": 16})
+    run_script("main.py", "--config", t.one)
+    t.eval_args = ["--pretrained_ldm_ckpt", str(t.tmp / "one" / "checkpoint-last.pth"), "--evaluate", "--no_plots"]
+    # One thread, as each node process: the LFDN's matrix products round alike only with the same threading.
+    run_script("test_mse_mfsim.py", *t.eval_args, "--pretrained_ldm_cfg", t.one, "--output_dir", str(t.tmp / "r1"),
+               threads=1)
+    return t
+
+
+def cache_files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("holder", [0, 1])
+def test_training_on_two_nodes_when_one_node_holds_the_cache(single, holder):
+    t = single
+    empty = t.tmp / f"empty-train-{holder}"
+    caches = [t.tmp / "A", empty] if holder == 0 else [empty, t.tmp / "A"]
+    outs = run_two_nodes("main.py", [["--config", t.two, "--cache_dir", str(c), "--output_dir",
+                                      str(t.tmp / f"two-{holder}-node{i}")] for i, c in enumerate(caches)])
+    assert "train features: 256 x 512 (from cache)" in outs[0][1]  # nobody extracted
+    a = load_checkpoint(str(t.tmp / "one" / "checkpoint-last.pth"))
+    b = load_checkpoint(str(t.tmp / f"two-{holder}-node0" / "checkpoint-last.pth"))
+    assert a.ema["num_updates"] == b.ema["num_updates"] == 16
+    for k in a.model:
+        assert torch.allclose(a.model[k], b.model[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(a.ema["weights"][k], b.ema["weights"][k], rtol=1e-4, atol=1e-6), k
+    # The node that lacked the file now has it, with the same features.
+    assert [n for n in cache_files(empty) if "-train-" in n] == [n for n in cache_files(t.tmp / "A") if "-train-" in n]
+    name = next(n for n in cache_files(empty) if "-train-" in n)
+    assert torch.equal(torch.load(empty / name)["features"], torch.load(t.tmp / "A" / name)["features"])
+
+
+@pytest.mark.parametrize("holder", [0, 1])
+def test_evaluation_on_two_nodes_when_one_node_holds_the_cache(single, holder):
+    t = single
+    empty = t.tmp / f"empty-eval-{holder}"
+    caches = [t.tmp / "A", empty] if holder == 0 else [empty, t.tmp / "A"]
+    out = t.tmp / f"r2-{holder}"
+    run_two_nodes("test_mse_mfsim.py", [[*t.eval_args, "--pretrained_ldm_cfg", t.one, "--cache_dir", str(c),
+                                         "--output_dir", str(out if i == 0 else t.tmp / "unused")]
+                                        for i, c in enumerate(caches)])
+    for name in ("ID", "gauss", "photos"):
+        assert np.array_equal(np.load(t.tmp / "r1" / "scores" / f"{name}.npy"), np.load(out / "scores" / f"{name}.npy"))
+    assert len([n for n in cache_files(empty) if "-test-" in n]) == 3

@@ -17,7 +17,7 @@ from datasets.images import ArrayImages
 from models.features import MultiLayerFeatures, standardize
 from utils.config import load_config
 from utils.distributed import DistContext
-from utils.evaluation import reconstruct_scores
+from utils.evaluation import Scorer
 from utils.features import decode_batch_size, extract_features, image_loader
 from utils.model_factory import build_diffusion, build_lfdn
 
@@ -57,9 +57,11 @@ def main():
         def extract():
             return extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), cfg.amp, "bench")
 
-        def reconstruct(raw):
-            z = standardize(raw.to(device), extractor.indices)
-            reconstruct_scores(model, diffusion, z, cfg, ctx, "bench", "end", extractor.indices, "bench")
+        scorer = Scorer(cfg, ctx, extractor, diffusion, {"end": model})
+
+        def reconstruct(extracted):
+            raw, keys = extracted
+            scorer.scores(standardize(raw, extractor.indices), keys)
 
         def pipeline():
             reconstruct(extract())

@@ -20,7 +20,7 @@ from datasets.images import ArrayImages
 from models.features import MultiLayerFeatures, standardize
 from utils.config import Config
 from utils.distributed import DistContext
-from utils.evaluation import reconstruct_scores
+from utils.evaluation import Scorer
 from utils.features import extract_features, image_loader
 from utils.model_factory import build_diffusion, build_lfdn
 
@@ -76,19 +76,20 @@ def main():
               f"{max(1, n // b // 4) * b / t:.0f}"),
              ("channels_last vs default: max abs difference of standardised features", f"{(ref - alt).abs().max():.2e}")]
 
+    scorer = Scorer(cfg, ctx, f, diffusion, {"end": model})
     z = standardize(torch.randn(n, 720, device=device), f.indices)
+    keys = torch.arange(n)
     for amp in (False, True):
         cfg.amp = amp
-        t = timed(lambda: reconstruct_scores(model, diffusion, z, cfg, ctx, "x", "end", f.indices, "rec"), 3)
+        t = timed(lambda: scorer.scores(z, keys), 3)
         rows.append((f"LFDN reconstruction + scores ({'fp16 autocast' if amp and cuda else 'fp32'}), images/s",
                      f"{n / t:.0f}"))
     for amp in (True, False):
         cfg.amp = amp
 
         def pipeline():
-            raw = extract_features(f, images, ctx, b, workers, amp, "pipeline")
-            reconstruct_scores(model, diffusion, standardize(raw.to(device), f.indices), cfg, ctx, "x", "end",
-                               f.indices, "rec")
+            raw, image_keys = extract_features(f, images, ctx, b, workers, amp, "pipeline")
+            scorer.scores(standardize(raw, f.indices), image_keys)
         t = timed(pipeline, 2)
         label = "fp16 autocast (default on CUDA)" if amp and cuda else "fp32"
         rows.append((f"whole pipeline {label}, images/s", f"{n / t:.0f}"))

@@ -121,6 +121,20 @@ class ArrayImages(ImageSet):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def list_images(root: str) -> list:
+    """Every file with an image extension below ``root``, sorted by path. Links are followed, but
+    each real folder is visited once, so a link loop (``loop -> ..``) cannot repeat or hang the walk."""
+    seen, files = set(), []
+    for d, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
+
+
 class FolderImages(ImageSet):
     """Every image file below ``root`` (any depth: ImageFolder class folders or a flat folder), sorted by path."""
 
@@ -128,10 +142,7 @@ class FolderImages(ImageSet):
         super().__init__(image_size)
         self.name = name
         self.root = root
-        self.files = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        self.files = list_images(root)
         if not self.files:
             raise UserError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
 

@@ -38,13 +38,35 @@ class GaussianDiffusion:
         pred = model(self.q_sample(x0, t, noise), t)  # (B, ...)
         return (pred.float() - x0.float()).pow(2).mean()
 
+    def _plan(self, steps: int, indexing: str):
+        """(start index, [(network timestep s, a, a_prev), ...]) of the partial DDIM run (docs/METHOD.md §5)."""
+        if indexing not in INDEXING:
+            raise ValueError(f"indexing must be one of {INDEXING}, got {indexing!r}")
+        if not 1 <= steps <= self.timesteps - (indexing == "release"):
+            raise ValueError(f"steps must be in 1..{self.timesteps - (indexing == 'release')}, got {steps}")
+        abar = self.alphas_cumprod.tolist()
+        if indexing == "release":
+            return steps, [(i + 1, abar[i], abar[i - 1] if i > 0 else abar[0]) for i in reversed(range(steps))]
+        return steps - 1, [(s, abar[s], abar[s - 1] if s > 0 else 1.0) for s in reversed(range(steps))]
+
+    @staticmethod
+    def _sigma(eta: float, a: float, a_prev: float) -> float:
+        return eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+
+    def noise_draws(self, steps: int = 3, eta: float = 1.0, indexing: str = "release") -> int:
+        """How many noise tensors ``reconstruct`` draws: the start, then one per step with sigma > 0."""
+        _, plan = self._plan(steps, indexing)
+        return 1 + sum(1 for _, a, a_prev in plan if a_prev != a and self._sigma(eta, a, a_prev) > 0)
+
     @torch.no_grad()
     def reconstruct(self, model: Denoiser, x0: torch.Tensor, steps: int = 3, eta: float = 1.0,
-                    generator: Optional[torch.Generator] = None, indexing: str = "release") -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None, indexing: str = "release",
+                    noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Noise ``x0`` lightly and denoise it with the first ``steps`` DDIM steps of a 1-step grid.
 
-        x0: (B, ...) -> reconstruction (B, ...). Random draws, in order, from ``generator``: the
-        starting noise, then one ``z`` per step whose sigma is non-zero.
+        x0: (B, ...) -> reconstruction (B, ...). Random draws, in order: the starting noise, then
+        one ``z`` per step whose sigma is non-zero; taken from ``noise`` ((noise_draws(...), B, ...),
+        e.g. drawn per image) when given, else from ``generator``.
 
         indexing="release" (default) reproduces the authors' code, off-by-one included: noising
         and the network use abar[s] with s = i + 1, the DDIM coefficients abar[i] and abar[i-1]
@@ -56,19 +78,16 @@ class GaussianDiffusion:
         s = steps-1 .. 0 with a = abar[s], a_prev = abar[s-1] (1.0 at s = 0), so the last step
         returns the network's x0 prediction.
         """
-        if indexing not in INDEXING:
-            raise ValueError(f"indexing must be one of {INDEXING}, got {indexing!r}")
-        if not 1 <= steps <= self.timesteps - (indexing == "release"):
-            raise ValueError(f"steps must be in 1..{self.timesteps - (indexing == 'release')}, got {steps}")
+        start, plan = self._plan(steps, indexing)
         abar = self.alphas_cumprod.tolist()
-        if indexing == "release":
-            start = steps
-            plan = [(i + 1, abar[i], abar[i - 1] if i > 0 else abar[0]) for i in reversed(range(steps))]
-        else:
-            start = steps - 1
-            plan = [(s, abar[s], abar[s - 1] if s > 0 else 1.0) for s in reversed(range(steps))]
+        if noise is not None and tuple(noise.shape) != (self.noise_draws(steps, eta, indexing), *x0.shape):
+            raise ValueError(f"noise must have shape {(self.noise_draws(steps, eta, indexing), *x0.shape)}, "
+                             f"got {tuple(noise.shape)}")
+        draws = iter(noise.to(device=x0.device, dtype=x0.dtype)) if noise is not None else None
 
         def randn() -> torch.Tensor:
+            if draws is not None:
+                return next(draws)
             return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
         x = math.sqrt(abar[start]) * x0 + math.sqrt(1 - abar[start]) * randn()  # (B, ...)
@@ -77,7 +96,7 @@ class GaussianDiffusion:
                 continue
             x0_hat = model(x, torch.full((x.shape[0],), s, dtype=torch.long, device=x.device)).to(x.dtype)
             eps_hat = (x / math.sqrt(abar[s]) - x0_hat) / math.sqrt(1 / abar[s] - 1)
-            sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+            sigma = self._sigma(eta, a, a_prev)
             pred = (x - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
             x = math.sqrt(a_prev) * pred + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps_hat
             if sigma > 0:

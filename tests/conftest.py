@@ -16,3 +16,13 @@ def tiny(tmp_path):
     """A tiny experiment: real Lite0 weights at 32 px, a small LFDN, digits as ID; returns helpers.Tiny."""
     from tests.helpers import Tiny
     return Tiny(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny training run (tests.helpers.Tiny, 3 epochs on digits) shared by the evaluation and prediction tests."""
+    from tests.helpers import Tiny, run_script
+    t = Tiny(tmp_path_factory.mktemp("trained"))
+    t.config = t.write()
+    run_script("main.py", "--config", t.config)
+    return t

@@ -1,5 +1,6 @@
-"""Two torchrun "nodes" over localhost whose feature caches are separate folders, as with per-node
-disks: one node holds the cache a single-process run filled, the other starts empty."""
+"""Two ranks under torchrun, as two "nodes" over localhost whose feature caches are separate
+folders (per-node disks): one node holds the cache a single-process run filled and the other starts
+empty, or both start empty. Each case must equal one process (training: with the doubled batch)."""
 import numpy as np
 import pytest
 import torch
@@ -47,11 +48,13 @@ def test_training_on_two_nodes_when_one_node_holds_the_cache(single, holder):
     assert torch.equal(torch.load(empty / name)["features"], torch.load(t.tmp / "A" / name)["features"])
 
 
-@pytest.mark.parametrize("holder", [0, 1])
-def test_evaluation_on_two_nodes_when_one_node_holds_the_cache(single, holder):
+@pytest.mark.parametrize("holder", [0, 1, None])
+def test_evaluation_on_two_nodes_when_one_or_no_node_holds_the_cache(single, holder):
+    # With no holder, both ranks extract: backbone batches, their gathering (rank blocks
+    # interleaved) and the reconstruction batches must all line up with one process.
     t = single
     empty = t.tmp / f"empty-eval-{holder}"
-    caches = [t.tmp / "A", empty] if holder == 0 else [empty, t.tmp / "A"]
+    caches = {0: [t.tmp / "A", empty], 1: [empty, t.tmp / "A"], None: [empty, t.tmp / "B-empty"]}[holder]
     out = t.tmp / f"r2-{holder}"
     run_two_nodes("test_mse_mfsim.py", [[*t.eval_args, "--pretrained_ldm_cfg", t.one, "--cache_dir", str(c),
                                          "--output_dir", str(out if i == 0 else t.tmp / "unused")]

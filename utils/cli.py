@@ -2,7 +2,7 @@
 import argparse
 import logging
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Union
 
 from tqdm import tqdm
 
@@ -42,9 +42,9 @@ COMMON_FLAGS = {"data_path": "data_path", "device": "device", "cache_dir": "cach
                 "backbone_weights": "backbone.weights", "num_workers": "num_workers"}
 
 
-def resolve_config(config_path: str, args: argparse.Namespace, flags: Dict[str, str]) -> Config:
-    """Load the YAML, then apply ``--opt KEY=VALUE`` and the named flags (flags win)."""
-    cfg = load_config(config_path)
+def resolve_config(config: Union[str, Config], args: argparse.Namespace, flags: Dict[str, str]) -> Config:
+    """Load the YAML (or take ``config`` as it is), then apply ``--opt KEY=VALUE`` and the named flags (flags win)."""
+    cfg = load_config(config) if isinstance(config, str) else config
     for item in args.opt:
         key, sep, value = item.partition("=")
         if not sep:
@@ -119,13 +119,14 @@ def eval_config(args: argparse.Namespace) -> Config:
 def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], default_output_dir: str) -> None:
     """Score, write every output (rank 0), print the table."""
     from utils.distributed import distributed_context
-    from utils.evaluation import evaluate
+    from utils.evaluation import Scorer
     from utils.report import format_markdown, write_outputs
 
     cfg = eval_config(args)
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)
-        result = evaluate(cfg, ctx, checkpoints, args.pretrained_ldm_cfg, args.skip_missing, args.save_features)
+        scorer = Scorer.from_checkpoints(cfg, ctx, checkpoints, args.pretrained_ldm_cfg)
+        result = scorer.evaluate(args.skip_missing, args.save_features)
         if ctx.is_main:
             out = args.output_dir or default_output_dir
             write_outputs(result, out, args.save_features, plots=not args.no_plots)

@@ -1,28 +1,32 @@
-"""Scoring ID and OOD sets with one or two checkpoints, and the metrics from the saved scores.
+"""The scoring engine behind every entry point (test_mse_mfsim.py, test_LR.py, predict.py and the
+Python API), as training's engine is ``utils/training.py``.
 
-Per set: raw features (cached, so re-scoring another checkpoint skips the backbone), per-layer
-standardisation, one seeded reconstruction per checkpoint giving MSE and MFsim together. Noise
-is drawn per batch from a generator seeded by (seed, set, checkpoint role, batch index), so
-scores do not depend on how many processes share the work, and every image is scored.
+A ``Scorer`` bundles what scoring needs: the frozen extractor, the LFDN of each checkpoint role
+("end", or "first" and "end" for LR), the diffusion schedule, the config and the process context.
+Features arrive standardised on the device from ``utils.features``. Each image's test-time noise
+is drawn from a generator seeded by (seed, checkpoint role, the image's pixel digest), the same
+amount per image as the release draws: an image's noise does not depend on its set, its batch,
+the batch size, the order or the number of processes (docs/METHOD.md §5).
 """
 import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from datasets import ImageSet, build_datasets
-from models.features import MultiLayerFeatures, standardize, weights_digest
+from models.diffusion import GaussianDiffusion
+from models.features import MultiLayerFeatures, weights_digest
 from models.lfdn import LFDN
-from utils.checkpoint import check_against, load_checkpoint
+from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.errors import UserError
-from utils.features import autocast, load_or_extract
+from utils.features import Features, autocast, image_keys, load_or_extract, standardized_features
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion
 from utils.progress import progress
@@ -65,30 +69,158 @@ def score_fields(roles: List[str], headline_type: str) -> List[str]:
     return [f"{prefix}_{t}" for t in types for prefix in ("LR", *roles)]
 
 
-def noise_seed(seed: int, set_name: str, role: str, batch: int) -> int:
-    digest = hashlib.sha256(f"{seed}|{set_name}|{role}|{batch}".encode()).digest()
+def noise_seed(seed: int, role: str, image_key: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{role}|{image_key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
-def load_models(cfg: Config, paths: Dict[str, str], ctx: DistContext, config_source: str):
-    """Checkpoints -> (extractor, {role: LFDN with EMA weights}, {role: LoadedCheckpoint}), all checked."""
-    ckpts = {role: load_checkpoint(p) for role, p in paths.items()}
-    states = {role: c.backbone_state for role, c in ckpts.items() if c.backbone_state is not None}
-    digests = {role: weights_digest(s) for role, s in states.items()}
-    if len(set(digests.values())) > 1:
-        raise UserError(f"the checkpoints carry different backbone weights ({', '.join(f'{r}: {d}' for r, d in digests.items())}); "
-                        f"they must come from one run")
-    states = list(states.values())
-    extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, states[0] if states else None)
-    diffusion = build_diffusion(cfg)
-    models = {}
-    for role, ck in ckpts.items():
-        check_against(ck, extractor.name, cfg.backbone.input_size, extractor.feature_dim, extractor.identity,
-                      diffusion, config_source)
-        model = LFDN(**ck.lfdn_sizes())
-        model.load_state_dict(ck.eval_weights)
-        models[role] = model.to(ctx.device).eval()
-    return extractor.to(ctx.device), diffusion, models, ckpts
+def image_noise(keys: torch.Tensor, seed: int, role: str, draws: int, shape: tuple) -> torch.Tensor:
+    """(draws, B, *shape) standard normal noise on CPU, image b's from its own generator."""
+    g = torch.Generator()
+    per_image = []
+    for key in keys.tolist():
+        g.manual_seed(noise_seed(seed, role, key))
+        per_image.append(torch.randn((draws, *shape), generator=g))
+    return torch.stack(per_image, dim=1) if per_image else torch.empty((draws, 0, *shape))
+
+
+class Scorer:
+    """Scores images, sets or standardised vectors with one or two checkpoints. Higher = more OOD."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures, diffusion: GaussianDiffusion,
+                 models: Dict[str, LFDN], checkpoints: Optional[Dict[str, LoadedCheckpoint]] = None):
+        self.cfg, self.ctx, self.extractor, self.diffusion = cfg, ctx, extractor, diffusion
+        self.models = models
+        self.checkpoints = checkpoints or {}
+
+    @classmethod
+    def from_checkpoints(cls, cfg: Config, ctx: DistContext, paths: Dict[str, Union[str, LoadedCheckpoint]],
+                         config_source: str = "the config") -> "Scorer":
+        """{role: checkpoint path (or one already loaded)} -> a Scorer with each checkpoint's EMA weights,
+        all checked against ``cfg``."""
+        ckpts = {role: p if isinstance(p, LoadedCheckpoint) else load_checkpoint(p) for role, p in paths.items()}
+        states = {role: c.backbone_state for role, c in ckpts.items() if c.backbone_state is not None}
+        digests = {role: weights_digest(s) for role, s in states.items()}
+        if len(set(digests.values())) > 1:
+            raise UserError(f"the checkpoints carry different backbone weights "
+                            f"({', '.join(f'{r}: {d}' for r, d in digests.items())}); they must come from one run")
+        states = list(states.values())
+        extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, states[0] if states else None)
+        diffusion = build_diffusion(cfg)
+        models = {}
+        for role, ck in ckpts.items():
+            check_against(ck, extractor.name, cfg.backbone.input_size, extractor.feature_dim, extractor.identity,
+                          diffusion, config_source)
+            model = LFDN(**ck.lfdn_sizes())
+            model.load_state_dict(ck.eval_weights)
+            models[role] = model.to(ctx.device).eval()
+        return cls(cfg, ctx, extractor.to(ctx.device), diffusion, models, ckpts)
+
+    @property
+    def roles(self) -> List[str]:
+        return list(self.models)
+
+    def fields(self) -> List[str]:
+        return score_fields(self.roles, self.cfg.eval.similarity_type)
+
+    # ---------------------------------------------------------------- features
+
+    def set_features(self, dataset: ImageSet, split: str = "test", desc: str = "features") -> Features:
+        """Standardised features of a whole set on the device, through the feature cache."""
+        cfg = self.cfg
+        return load_or_extract(self.extractor, dataset, split, self.ctx, cache_dir=cfg.feature_cache_dir,
+                               input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
+                               num_workers=cfg.workers(self.ctx.cuda), amp=cfg.amp, desc=desc)
+
+    def image_features(self, images: torch.Tensor):
+        """uint8 decoded images (B, S, S[, 3]) -> (standardised (B, D) on the device, image keys (B,))."""
+        z = standardized_features(self.extractor, images, self.ctx, self.cfg.amp, self.cfg.extract_batch_size)
+        return z, image_keys(images)
+
+    # ---------------------------------------------------------------- scores
+
+    @torch.no_grad()
+    def reconstruction_scores(self, z: torch.Tensor, keys: torch.Tensor, role: str, desc: str = "",
+                              shared: bool = False) -> Dict[str, np.ndarray]:
+        """z: (N, D) standardised on the device, keys: (N,) -> {"MSE": (N,), "MFsim": (N,)} of one checkpoint.
+
+        ``shared``: the ranks split the batches round-robin and every rank gets all N scores;
+        otherwise this process scores all N alone.
+        """
+        cfg, ctx, d = self.cfg, self.ctx, self.cfg.diffusion
+        b, n = cfg.eval.batch_size, z.shape[0]
+        world, rank = (ctx.world_size, ctx.rank) if shared else (1, 0)
+        draws = self.diffusion.noise_draws(d.subset_timesteps_num, d.eta, d.indexing)
+        out = torch.zeros((n, len(SCORE_TYPES)), dtype=torch.float64, device=ctx.device)  # columns: SCORE_TYPES
+        indices = self.extractor.indices
+        batches = range(rank, -(-n // b), world)
+        for j in progress(batches, desc, ctx.is_main and bool(desc), unit="batch"):
+            z0 = z[j * b:(j + 1) * b]  # (b, D)
+            noise = image_noise(keys[j * b:(j + 1) * b], cfg.eval.seed, role, draws, z0.shape[1:])  # (draws, b, D)
+            with autocast(ctx, cfg.amp):
+                rec = self.diffusion.reconstruct(self.models[role], z0, d.subset_timesteps_num, d.eta,
+                                                 indexing=d.indexing, noise=noise)
+            out[j * b:(j + 1) * b, 0] = mse_score(rec, z0).double()
+            out[j * b:(j + 1) * b, 1] = mfsim_score(rec, z0, indices, cfg.eval.mfsim_layers == "all").double()
+        if shared and ctx.distributed:
+            dist.all_reduce(out)  # every row was written by exactly one rank
+        out = out.cpu().numpy()
+        return {t: out[:, i] for i, t in enumerate(SCORE_TYPES)}
+
+    def scores(self, z: torch.Tensor, keys: torch.Tensor, desc: str = "", shared: bool = False) -> Dict[str, np.ndarray]:
+        """Every score field of ``fields()`` for (N, D) vectors: MSE/MFsim, or LR_* with first_*/end_*."""
+        per_role = {role: self.reconstruction_scores(z, keys, role, f"{desc}reconstruct ({role})" if desc else "",
+                                                     shared) for role in self.roles}
+        if len(self.roles) == 1:
+            return per_role[self.roles[0]]
+        first, end = self.roles
+        out = {}
+        for t in SCORE_TYPES:
+            out[f"LR_{t}"] = likelihood_regret(per_role[first][t], per_role[end][t])
+            for role in self.roles:
+                out[f"{role}_{t}"] = per_role[role][t]
+        return out
+
+    def score_set(self, name: str, dataset: ImageSet, keep_features: bool = False) -> SetResult:
+        start = time.perf_counter()
+        feats = self.set_features(dataset, desc=f"{name}: features")
+        result = SetResult(name, dataset.name, len(dataset), features_from="cache" if feats.from_cache else "extracted")
+        result.scores = self.scores(feats.z, feats.keys, desc=f"{name}: ", shared=True)
+        if keep_features:
+            result.features = feats.z.cpu().numpy().astype(np.float32)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    # ---------------------------------------------------------------- the evaluation driver
+
+    def evaluate(self, skip_missing: bool = False, keep_features: bool = False) -> EvalResult:
+        """Score the config's ID test set and OOD sets; metrics from the scores."""
+        cfg, ctx = self.cfg, self.ctx
+        id_set, ood_sets, missing = find_sets(cfg, skip_missing)
+        sets: Dict[str, SetResult] = {}
+        for name, ds in [(ID_NAME, id_set), *ood_sets.items()]:
+            sets[name] = self.score_set(name, ds, keep_features)
+            if ctx.is_main:
+                s = sets[name]
+                log.info("%s: %d images scored (%s features, %.0f images/s)", name, s.n, s.features_from,
+                         s.images_per_s or 0)
+        for name in missing:
+            sets[name] = SetResult(name, cfg.eval.ood[name])
+        sets = {ID_NAME: sets[ID_NAME], **{n: sets[n] for n in cfg.eval.ood if n in sets}}
+        fields = self.fields()
+        return EvalResult(fields[0], fields, sets, compute_metrics(sets, fields, cfg.eval.fpr95), self.meta())
+
+    def meta(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        return {
+            "checkpoints": {role: {"path": c.path, "kind": c.kind, "epoch": c.epoch}
+                            for role, c in self.checkpoints.items()},
+            "id_dataset": cfg.eval.dataset, "backbone": self.extractor.identity, "input_size": cfg.backbone.input_size,
+            "subset_timesteps_num": cfg.diffusion.subset_timesteps_num, "eta": cfg.diffusion.eta,
+            "indexing": cfg.diffusion.indexing, "mfsim_layers": cfg.eval.mfsim_layers, "fpr95": cfg.eval.fpr95,
+            "seed": cfg.eval.seed, "device": str(ctx.device), "processes": ctx.world_size,
+            "precision": "fp16-autocast" if cfg.amp and ctx.cuda else "fp32",
+        }
 
 
 def find_sets(cfg: Config, skip_missing: bool):
@@ -108,53 +240,6 @@ def find_sets(cfg: Config, skip_missing: bool):
     return id_set, found, missing
 
 
-@torch.no_grad()
-def reconstruct_scores(model: LFDN, diffusion, z: torch.Tensor, cfg: Config, ctx: DistContext, set_name: str,
-                       role: str, indices: List[int], desc: str) -> Dict[str, np.ndarray]:
-    """z: (N, D) standardised on device -> {"MSE": (N,), "MFsim": (N,)}; ranks share batches round-robin."""
-    b, n = cfg.eval.batch_size, z.shape[0]
-    d = cfg.diffusion
-    out = torch.zeros((n, len(SCORE_TYPES)), dtype=torch.float64, device=ctx.device)  # columns: SCORE_TYPES
-    generator = torch.Generator(device=ctx.device)
-    batches = range(ctx.rank, -(-n // b), ctx.world_size)
-    for j in progress(batches, desc, ctx.is_main, unit="batch"):
-        z0 = z[j * b:(j + 1) * b]  # (b, D)
-        generator.manual_seed(noise_seed(cfg.eval.seed, set_name, role, j))
-        with autocast(ctx, cfg.amp):
-            rec = diffusion.reconstruct(model, z0, d.subset_timesteps_num, d.eta, generator, d.indexing)
-        out[j * b:(j + 1) * b, 0] = mse_score(rec, z0).double()
-        out[j * b:(j + 1) * b, 1] = mfsim_score(rec, z0, indices, cfg.eval.mfsim_layers == "all").double()
-    if ctx.distributed:
-        dist.all_reduce(out)  # every row was written by exactly one rank
-    out = out.cpu().numpy()
-    return {t: out[:, i] for i, t in enumerate(SCORE_TYPES)}
-
-
-def score_set(name: str, dataset: ImageSet, extractor: MultiLayerFeatures, diffusion, models: Dict[str, LFDN],
-              cfg: Config, ctx: DistContext, keep_features: bool) -> SetResult:
-    start = time.perf_counter()
-    feats = load_or_extract(extractor, dataset, "test", ctx, cache_dir=cfg.feature_cache_dir,
-                            input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                            num_workers=cfg.workers(ctx.cuda), amp=cfg.amp, desc=f"{name}: features")
-    z = standardize(feats.raw.to(ctx.device), extractor.indices)  # (N, D)
-    result = SetResult(name, dataset.name, len(dataset), features_from="cache" if feats.from_cache else "extracted")
-    per_role = {role: reconstruct_scores(m, diffusion, z, cfg, ctx, name, role, extractor.indices,
-                                         f"{name}: reconstruct ({role})") for role, m in models.items()}
-    roles = list(models)
-    for t in SCORE_TYPES:
-        if len(roles) == 1:
-            result.scores[t] = per_role[roles[0]][t]
-        else:
-            first, end = roles
-            result.scores[f"LR_{t}"] = likelihood_regret(per_role[first][t], per_role[end][t])
-            for role in roles:
-                result.scores[f"{role}_{t}"] = per_role[role][t]
-    if keep_features:
-        result.features = z.cpu().numpy().astype(np.float32)
-    result.seconds = time.perf_counter() - start
-    return result
-
-
 def compute_metrics(sets: Dict[str, SetResult], fields: List[str], fpr95: str) -> Dict[str, Dict[str, Optional[dict]]]:
     """Metrics of every OOD set against the ID set, from the score arrays alone."""
     id_scores = sets[ID_NAME].scores
@@ -163,30 +248,3 @@ def compute_metrics(sets: Dict[str, SetResult], fields: List[str], fpr95: str) -
         table[f] = {name: (ood_metrics(id_scores[f], s.scores[f], fpr95) if s.features_from != "missing" else None)
                     for name, s in sets.items() if name != ID_NAME}
     return table
-
-
-def evaluate(cfg: Config, ctx: DistContext, checkpoints: Dict[str, str], config_source: str,
-             skip_missing: bool = False, keep_features: bool = False) -> EvalResult:
-    """``checkpoints``: {"end": path} for MSE/MFsim, {"first": p0, "end": p1} for LR."""
-    id_set, ood_sets, missing = find_sets(cfg, skip_missing)
-    extractor, diffusion, models, ckpts = load_models(cfg, checkpoints, ctx, config_source)
-    sets: Dict[str, SetResult] = {}
-    for name, ds in [(ID_NAME, id_set), *ood_sets.items()]:
-        sets[name] = score_set(name, ds, extractor, diffusion, models, cfg, ctx, keep_features)
-        if ctx.is_main:
-            s = sets[name]
-            log.info("%s: %d images scored (%s features, %.0f images/s)", name, s.n, s.features_from,
-                     s.images_per_s or 0)
-    for name in missing:
-        sets[name] = SetResult(name, cfg.eval.ood[name])
-    sets = {ID_NAME: sets[ID_NAME], **{n: sets[n] for n in cfg.eval.ood if n in sets}}
-    fields = score_fields(list(checkpoints), cfg.eval.similarity_type)
-    meta = {
-        "checkpoints": {role: {"path": c.path, "kind": c.kind, "epoch": c.epoch} for role, c in ckpts.items()},
-        "id_dataset": cfg.eval.dataset, "backbone": extractor.identity, "input_size": cfg.backbone.input_size,
-        "subset_timesteps_num": cfg.diffusion.subset_timesteps_num, "eta": cfg.diffusion.eta,
-        "indexing": cfg.diffusion.indexing, "mfsim_layers": cfg.eval.mfsim_layers, "fpr95": cfg.eval.fpr95,
-        "seed": cfg.eval.seed, "device": str(ctx.device), "processes": ctx.world_size,
-        "precision": "fp16-autocast" if cfg.amp and ctx.cuda else "fp32",
-    }
-    return EvalResult(fields[0], fields, sets, compute_metrics(sets, fields, cfg.eval.fpr95), meta)

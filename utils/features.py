@@ -1,8 +1,11 @@
-"""Feature extraction, once per (backbone weights, input size, precision, dataset content, split).
+"""Feature extraction, once per (backbone weights, input size, precision, backbone batch, dataset
+content, split), and the one place where features are standardised.
 
 The backbone is frozen and there is no augmentation (docs/METHOD.md §1), so an image's raw pooled
 vector never changes. It is computed once, stored under a key that names everything it depends
-on, and a stored file whose key differs is never used.
+on, and a stored file whose key differs is never used. Along with each vector goes a 64-bit
+digest of the decoded image (``image_keys``): the image's identity, from which its test-time
+noise is seeded.
 """
 import hashlib
 import json
@@ -13,25 +16,47 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from datasets import ImageSet
-from models.features import MultiLayerFeatures
+from models.features import MultiLayerFeatures, standardize
 from utils.atomic import atomic_torch_save
 from utils.distributed import DistContext, barrier, block_rows, broadcast_from, gather_interleaved, ranks_holding
 from utils.progress import progress
 
 log = logging.getLogger("dlsr")
-CACHE_VERSION = 2  # 2: the backbone batch is part of the key
+CACHE_VERSION = 3  # 2: the backbone batch is part of the key; 3: image keys stored
 DECODE_BATCH = 64
 
 
 @dataclass
 class Features:
-    raw: torch.Tensor      # (N, D) float32 raw pooled vectors, dataset order, on CPU
-    seconds: float         # time spent extracting in this run (0 when read from the cache)
+    z: torch.Tensor        # (N, D) float32 standardised vectors, dataset order, on the run's device
+    keys: torch.Tensor     # (N,) int64 image digests (image_keys), on CPU
+    seconds: float         # time spent extracting in this run (0 when read from a cache)
     from_cache: bool
+
+
+def image_keys(images: torch.Tensor) -> torch.Tensor:
+    """uint8 decoded images (B, S, S[, 3]) -> (B,) int64: a digest of each image's pixels.
+
+    An RGB image whose three channels are equal is digested as its one channel, as a grayscale
+    (B, S, S) array is: an image has one key whether it comes from an array or from a file.
+    """
+    arr = images.cpu().numpy()
+    if arr.ndim == 4:
+        gray = (arr[..., 0] == arr[..., 1]).all(axis=(1, 2)) & (arr[..., 0] == arr[..., 2]).all(axis=(1, 2))
+        planes = [np.ascontiguousarray(a[..., 0]) if g else a for a, g in zip(arr, gray)]
+    else:
+        planes = list(arr)
+    return torch.tensor([digest64(a) for a in planes], dtype=torch.int64)
+
+
+def digest64(a: np.ndarray) -> int:
+    """A signed 64-bit digest of an array's bytes (the same in every process, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=8).digest(), "little", signed=True)
 
 
 def autocast(ctx: DistContext, amp: bool):
@@ -57,6 +82,12 @@ def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: 
         return torch.cat([extractor(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
 
 
+def standardized_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, amp: bool,
+                          chunk: Optional[int] = None) -> torch.Tensor:
+    """uint8 images (B, H, W[, 3]) -> standardised vectors (B, D) on the device (docs/METHOD.md §2)."""
+    return standardize(backbone_features(extractor, images, ctx, amp, chunk), extractor.indices)
+
+
 def decode_batch_size(batch_size: int) -> int:
     """Images decoded per loader step during extraction: about DECODE_BATCH, a multiple of the
     backbone's batch. Fewer, larger PIL calls and loader steps; the backbone still sees
@@ -67,19 +98,23 @@ def decode_batch_size(batch_size: int) -> int:
 @torch.no_grad()
 def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: DistContext, batch_size: int,
                      num_workers: int, amp: bool, desc: str) -> torch.Tensor:
-    """Run the backbone over ``dataset`` -> (N, D) float32 on every rank, on ``ctx.device``.
+    """Run the backbone over ``dataset`` -> raw (N, D) float32 and image keys (N,), on every rank,
+    the features on ``ctx.device``.
 
     Ranks take whole backbone batches round-robin (rank r: batches r, r + W, ...), so every image
     goes through the backbone in exactly the batch it would meet in one process: the features do
     not depend on the number of ranks, not even at rounding level.
     """
     shard = Subset(dataset, block_rows(len(dataset), batch_size, ctx.rank, ctx.world_size).tolist())
-    out = []
+    out, keys = [], []
     loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers)
     for images in progress(loader, desc, ctx.is_main, unit="batch"):
         out.append(backbone_features(extractor, images, ctx, amp, chunk=batch_size))  # (B, D)
+        keys.append(image_keys(images))  # (B,)
     local = torch.cat(out) if out else torch.empty(0, extractor.feature_dim, device=ctx.device)
-    return gather_interleaved(local, len(dataset), ctx, block=batch_size)
+    local_keys = torch.cat(keys) if keys else torch.empty(0, dtype=torch.int64)
+    return (gather_interleaved(local, len(dataset), ctx, block=batch_size),
+            gather_interleaved(local_keys, len(dataset), ctx, block=batch_size))
 
 
 def cache_key(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, input_size: int, precision: str,
@@ -101,7 +136,8 @@ def cache_path(cache_dir: str, key: dict) -> str:
 def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, ctx: DistContext, *,
                     cache_dir: str, input_size: int, batch_size: int, num_workers: int, amp: bool,
                     use_cache: bool = True, desc: str = "features") -> Features:
-    """Raw features of ``dataset`` from the cache when its key matches, else extracted (and stored).
+    """Standardised features of ``dataset`` on the device, from the cache when its key matches, else
+    extracted (and stored).
 
     Every rank looks at its own cache folder, then all ranks take one decision together, so nodes
     with or without a shared filesystem agree: if every rank holds the file, each reads its own;
@@ -114,28 +150,31 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
     shape = (len(dataset), extractor.feature_dim)
     stored = _read_valid(path, key, shape) if use_cache else None
     holders = ranks_holding(stored is not None, ctx)
-    if len(holders) == ctx.world_size:
-        return Features(stored, 0.0, True)
     start = time.perf_counter()
-    if holders:
-        feats = broadcast_from(stored if stored is not None else torch.empty(shape), holders[0], ctx).cpu()
+    if len(holders) == ctx.world_size:
+        raw, keys = stored
+    elif holders:
+        raw, keys = stored if stored is not None else (torch.empty(shape), torch.empty(shape[0], dtype=torch.int64))
+        raw, keys = broadcast_from(raw, holders[0], ctx), broadcast_from(keys, holders[0], ctx).cpu()
     else:
-        feats = extract_features(extractor, dataset, ctx, batch_size, num_workers, amp, desc).cpu()
-    seconds = time.perf_counter() - start
+        raw, keys = extract_features(extractor, dataset, ctx, batch_size, num_workers, amp, desc)
+        keys = keys.cpu()
+    seconds = 0.0 if holders else time.perf_counter() - start
     if use_cache:
         # Rank 0 first, then the first process of every other node that still lacks the file.
         writes_first = ctx.is_main and stored is None
         if writes_first:
-            atomic_torch_save({"key": key, "features": feats}, path)
+            atomic_torch_save({"key": key, "features": raw.cpu(), "image_keys": keys}, path)
         barrier(ctx)
         if stored is None and not writes_first and ctx.local_rank == 0 and not os.path.isfile(path):
-            atomic_torch_save({"key": key, "features": feats}, path)
+            atomic_torch_save({"key": key, "features": raw.cpu(), "image_keys": keys}, path)
         barrier(ctx)
-    return Features(feats, seconds if not holders else 0.0, bool(holders))
+    z = standardize(raw.to(ctx.device), extractor.indices)  # (N, D)
+    return Features(z, keys, seconds, bool(holders))
 
 
-def _read_valid(path: str, key: dict, shape: tuple) -> Optional[torch.Tensor]:
-    """The stored features if ``path`` holds exactly this key and shape; None (with a warning why) otherwise."""
+def _read_valid(path: str, key: dict, shape: tuple):
+    """(raw features, image keys) if ``path`` holds exactly this key and shape; None (with a warning why) otherwise."""
     if not os.path.isfile(path):
         return None
     try:
@@ -144,7 +183,8 @@ def _read_valid(path: str, key: dict, shape: tuple) -> Optional[torch.Tensor]:
         log.warning("feature cache %s is damaged (unreadable); extracting again and rewriting it", path)
         return None
     if not isinstance(stored, dict) or stored.get("key") != key or \
-            tuple(getattr(stored.get("features"), "shape", ())) != shape:
+            tuple(getattr(stored.get("features"), "shape", ())) != shape or \
+            tuple(getattr(stored.get("image_keys"), "shape", ())) != shape[:1]:
         log.warning("feature cache %s was written for other inputs; extracting again and rewriting it", path)
         return None
-    return stored["features"]
+    return stored["features"], stored["image_keys"]

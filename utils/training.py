@@ -23,7 +23,7 @@ from torch.utils.data import DistributedSampler
 from datasets import ImageSet, build_dataset, random_subset
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
-from models.features import MultiLayerFeatures, standardize
+from models.features import MultiLayerFeatures
 from models.lfdn import LFDN
 from utils.atomic import atomic_link
 from utils.checkpoint import (
@@ -36,7 +36,7 @@ from utils.checkpoint import (
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier
 from utils.errors import UserError
-from utils.features import autocast, backbone_features, image_loader, load_or_extract
+from utils.features import autocast, image_loader, load_or_extract, standardized_features
 from utils.model_factory import build_diffusion, build_lfdn
 from utils.progress import progress
 
@@ -52,19 +52,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def base_lr(cfg: Config, world_size: int) -> float:
-    t = cfg.train
-    return t.lr if t.lr is not None else t.blr * t.batch_size * t.accum_iter * world_size / 256
+    hp = cfg.train
+    return hp.lr if hp.lr is not None else hp.blr * hp.batch_size * hp.accum_iter * world_size / 256
 
 
-def lr_at(cfg: Config, base: float, progress: float) -> float:
-    """Learning rate at fractional epoch ``progress``: linear warm-up, then constant or half-cosine."""
-    t = cfg.train
-    if progress < t.warmup_epochs:
-        return base * progress / t.warmup_epochs
-    if not t.cosine_lr:
+def lr_at(cfg: Config, base: float, epoch: float) -> float:
+    """Learning rate at fractional epoch ``epoch``: linear warm-up, then constant or half-cosine."""
+    hp = cfg.train
+    if epoch < hp.warmup_epochs:
+        return base * epoch / hp.warmup_epochs
+    if not hp.cosine_lr:
         return base
-    span = max(t.epochs - t.warmup_epochs, 1e-8)
-    return t.min_lr + (base - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (progress - t.warmup_epochs) / span))
+    span = max(hp.epochs - hp.warmup_epochs, 1e-8)
+    return hp.min_lr + (base - hp.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - hp.warmup_epochs) / span))
 
 
 @dataclass
@@ -78,12 +78,12 @@ class Trainer:
     ema: EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    dataset: ImageSet
+    dataset: Optional[ImageSet]      # None when training on given features
     cached: Optional[torch.Tensor]   # (N, D) standardised features on device, or None for the image path
     start_epoch: int = 0
 
     def sampler(self, epoch: int) -> DistributedSampler:
-        s = DistributedSampler(range(len(self.dataset)), num_replicas=self.ctx.world_size, rank=self.ctx.rank,
+        s = DistributedSampler(range(self.num_samples), num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                shuffle=True, seed=self.cfg.train.seed, drop_last=True)
         s.set_epoch(epoch)
         return s
@@ -101,8 +101,11 @@ class Trainer:
         loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=sampler, drop_last=True)
         for images in loader:
             # The backbone's batch is extract_batch_size, as in extraction: the same speed per image.
-            raw = backbone_features(self.extractor, images, self.ctx, self.cfg.amp, self.cfg.extract_batch_size)
-            yield standardize(raw, self.extractor.indices)
+            yield standardized_features(self.extractor, images, self.ctx, self.cfg.amp, self.cfg.extract_batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.cached) if self.cached is not None else len(self.dataset)
 
     def steps_per_epoch(self) -> int:
         return len(self.sampler(0)) // self.cfg.train.batch_size
@@ -114,7 +117,7 @@ class Trainer:
         noise.manual_seed(epoch_seed(cfg.train.seed, epoch))
         steps, accum = self.steps_per_epoch(), cfg.train.accum_iter
         if steps == 0:
-            raise UserError(f"{len(self.dataset)} training images give no full batch of "
+            raise UserError(f"{self.num_samples} training images give no full batch of "
                             f"{cfg.train.batch_size} x {ctx.world_size} process(es); lower --batch_size")
         base, world, rank = base_lr(cfg, ctx.world_size), ctx.world_size, ctx.rank
         self.net.train()
@@ -177,56 +180,81 @@ def backbone_record(cfg: Config, extractor: MultiLayerFeatures) -> dict:
             "feature_dim": extractor.feature_dim, "indices": extractor.indices}
 
 
-def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None,
-                  init_from: Optional[str] = None) -> Trainer:
+def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
+                  features: Optional[torch.Tensor] = None,
+                  extractor: Optional[MultiLayerFeatures] = None) -> Trainer:
+    """In three steps: the training data and its features, the model and its optimiser, then the
+    state restored from ``resume`` / ``init_from``. ``features`` (N, D) standardised vectors train
+    directly, with no dataset (the Python API's ``fit_features``)."""
     torch.manual_seed(cfg.train.seed + ctx.rank)
-    dataset = random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
-                                          cfg.download), cfg.train.subset)
     resumed = load_checkpoint(resume) if resume else None
     initial = load_checkpoint(init_from) if init_from else None
     if resumed is not None and resumed.kind != "dlsr":
         raise UserError(f"{resume}: --resume takes a checkpoint written by this trainer; "
                         f"use --pre_ckpt_path to start from a release checkpoint")
-    backbone_state = initial.backbone_state if initial is not None else None
-    extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, backbone_state).to(ctx.device)
+    if extractor is None:
+        backbone_state = initial.backbone_state if initial is not None else None
+        extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, backbone_state)
+    extractor = extractor.to(ctx.device)
     diffusion = build_diffusion(cfg)
     for ck in (resumed, initial):
         if ck is not None:
             check_against(ck, extractor.name, cfg.backbone.input_size, extractor.feature_dim, extractor.identity,
                           diffusion, "the config")
-    cached = None
-    if cfg.train.cache_features:
-        feats = load_or_extract(extractor, dataset, "train", ctx, cache_dir=cfg.feature_cache_dir,
-                                input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                                num_workers=cfg.workers(ctx.cuda), amp=cfg.amp, desc="extracting train features")
-        if ctx.is_main:
-            log.info("train features: %d x %d (%s)", *feats.raw.shape,
-                     "from cache" if feats.from_cache else f"extracted in {feats.seconds:.1f}s")
-        cached = standardize(feats.raw.to(ctx.device), extractor.indices)  # (N, D)
-
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_lfdn(cfg, extractor.feature_dim).to(ctx.device)
-    t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr(cfg, ctx.world_size), weight_decay=t.weight_decay,
-                                  betas=tuple(t.betas))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and ctx.cuda)
-    start_epoch = 0
-    if initial is not None:
-        _load_weights(model, initial, "--pre_ckpt_path")
-    ema = EMA(model, t.ema_decay)
-    if resumed is not None:
-        _load_weights(model, resumed, "--resume")
-        if resumed.ema is not None:
-            ema.load_state_dict(resumed.ema)
-        optimizer.load_state_dict(resumed.optimizer)
-        for group in optimizer.param_groups:  # the config given now wins over the saved hyperparameters
-            group["weight_decay"], group["betas"] = t.weight_decay, tuple(t.betas)
-        if resumed.scaler:
-            scaler.load_state_dict(resumed.scaler)
-        start_epoch = resumed.epoch + 1
+    dataset, cached = training_data(cfg, ctx, extractor, features)
+    model, ema, optimizer, scaler = training_model(cfg, ctx, extractor.feature_dim, initial)
+    start_epoch = restore(cfg, model, ema, optimizer, scaler, resumed)
     net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.cuda else None) \
         if ctx.distributed else model
     return Trainer(cfg, ctx, extractor, diffusion, model, net, ema, optimizer, scaler, dataset, cached, start_epoch)
+
+
+def training_data(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures,
+                  features: Optional[torch.Tensor] = None):
+    """(the ID training set or None, its standardised features (N, D) on the device or None for the image path)."""
+    if features is not None:
+        if features.dim() != 2 or features.shape[1] != extractor.feature_dim:
+            raise UserError(f"training features must be (N, {extractor.feature_dim}), got {tuple(features.shape)}")
+        return None, features.to(ctx.device, torch.float32)
+    dataset = random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
+                                          cfg.download), cfg.train.subset)
+    if not cfg.train.cache_features:
+        return dataset, None
+    feats = load_or_extract(extractor, dataset, "train", ctx, cache_dir=cfg.feature_cache_dir,
+                            input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
+                            num_workers=cfg.workers(ctx.cuda), amp=cfg.amp, desc="extracting train features")
+    if ctx.is_main:
+        log.info("train features: %d x %d (%s)", *feats.z.shape,
+                 "from cache" if feats.from_cache else f"extracted in {feats.seconds:.1f}s")
+    return dataset, feats.z  # (N, D)
+
+
+def training_model(cfg: Config, ctx: DistContext, feature_dim: int, initial: Optional[LoadedCheckpoint]):
+    """A fresh LFDN (or ``initial``'s weights), its EMA, the AdamW optimiser and the grad scaler."""
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_lfdn(cfg, feature_dim).to(ctx.device)
+    hp = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr(cfg, ctx.world_size), weight_decay=hp.weight_decay,
+                                  betas=tuple(hp.betas))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and ctx.cuda)
+    if initial is not None:
+        _load_weights(model, initial, "--pre_ckpt_path")
+    return model, EMA(model, hp.ema_decay), optimizer, scaler
+
+
+def restore(cfg: Config, model: LFDN, ema: EMA, optimizer, scaler, resumed: Optional[LoadedCheckpoint]) -> int:
+    """Load a run's state from its checkpoint; return the epoch to start from."""
+    if resumed is None:
+        return 0
+    _load_weights(model, resumed, "--resume")
+    if resumed.ema is not None:
+        ema.load_state_dict(resumed.ema)
+    optimizer.load_state_dict(resumed.optimizer)
+    for group in optimizer.param_groups:  # the config given now wins over the saved hyperparameters
+        group["weight_decay"], group["betas"] = cfg.train.weight_decay, tuple(cfg.train.betas)
+    if resumed.scaler:
+        scaler.load_state_dict(resumed.scaler)
+    return resumed.epoch + 1
 
 
 def _load_weights(model: LFDN, ckpt: LoadedCheckpoint, flag: str) -> None:
@@ -237,15 +265,16 @@ def _load_weights(model: LFDN, ckpt: LoadedCheckpoint, flag: str) -> None:
                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
 
 
-def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None) -> Trainer:
+def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
+          features: Optional[torch.Tensor] = None, extractor: Optional[MultiLayerFeatures] = None) -> Trainer:
     """The whole run: build, then epochs from ``start_epoch``; returns the trainer at the end."""
-    trainer = build_trainer(cfg, ctx, resume, init_from)
+    trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
     if ctx.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         os.makedirs(cfg.log_folder, exist_ok=True)
         save_config(cfg, os.path.join(cfg.log_folder, "config.yaml"))
         log.info("LFDN %.2fM parameters; %d images, %d steps/epoch on %d process(es); epochs %d..%d",
-                 sum(p.numel() for p in trainer.model.parameters()) / 1e6, len(trainer.dataset),
+                 sum(p.numel() for p in trainer.model.parameters()) / 1e6, trainer.num_samples,
                  trainer.steps_per_epoch(), ctx.world_size, trainer.start_epoch, cfg.train.epochs - 1)
     writer = _tensorboard(cfg.log_folder) if ctx.is_main else None
     epochs = progress(range(trainer.start_epoch, cfg.train.epochs), "training", ctx.is_main, unit="epoch")

@@ -1,0 +1,88 @@
+"""Score new images: one row per file with its MSE and MFsim scores and an OOD verdict at a
+threshold calibrated on in-distribution images.
+
+    python predict.py --checkpoint checkpoint/checkpoint-last.pth --images new_images/ --output predictions.csv
+
+The config comes from the checkpoint (ours store it); the authors' release checkpoints need
+--config. The threshold accepts a fraction --tpr of the calibration set (default: the config's ID
+test set); it is computed once and kept beside the feature cache.
+"""
+import argparse
+import json
+import logging
+import os
+
+from utils.checkpoint import load_checkpoint
+from utils.cli import add_common_flags, resolve_config, run_entry, setup_logging
+from utils.config import config_from_dict
+from utils.distributed import distributed_context
+from utils.errors import UserError
+
+log = logging.getLogger("dlsr")
+SCORE_FLAGS = {"seed": "eval.seed", "batch_size": "eval.batch_size", "mfsim_layers": "eval.mfsim_layers",
+               "subset_timesteps_num": "diffusion.subset_timesteps_num", "eta": "diffusion.eta",
+               "indexing": "diffusion.indexing"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Score image files with a DLSR checkpoint; write per-file OOD verdicts.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of ours, or the authors' (then give --config)")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="image files, folders (searched recursively) or @list.txt (one path per line)")
+    p.add_argument("--output", default="predictions.csv", help="the CSV (default: %(default)s); a .json goes beside it")
+    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+    add_common_flags(p)
+    p.add_argument("--calibration", metavar="SPEC", help="ID set the thresholds are calibrated on "
+                   "(default: the config's eval.dataset)")
+    p.add_argument("--tpr", type=float, default=0.95, help="fraction of calibration images accepted (default: %(default)s)")
+    p.add_argument("--score", choices=("MSE", "MFsim"), default="MFsim", help="score that decides is_ood (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="noise seed (default: the config's eval.seed)")
+    p.add_argument("--batch_size", type=int, help="files decoded and reconstructed per step (default: eval.batch_size)")
+    p.add_argument("--subset_timesteps_num", type=int, help="noise level k (default: the config's)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the config's)")
+    p.add_argument("--indexing", choices=("release", "consistent"), help="DDIM indexing (default: the config's)")
+    p.add_argument("--mfsim_layers", choices=("release", "all"), help="MFsim layers (default: the config's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from utils.evaluation import Scorer
+    from utils.prediction import calibrate, collect_files, predict_files
+
+    args = parse_args(argv)
+    if not 0 < args.tpr < 1:
+        raise UserError(f"--tpr must be between 0 and 1 (exclusive), got {args.tpr}")
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.config:
+        base, source = args.config, args.config
+    elif ckpt.config is not None:
+        base, source = config_from_dict(ckpt.config, source=f"{args.checkpoint} (its stored config)"), args.checkpoint
+    else:
+        raise UserError(f"{args.checkpoint} stores no config (an authors' release file?): pass --config, "
+                        f"e.g. --config config/Config.yaml")
+    cfg = resolve_config(base, args, SCORE_FLAGS)
+    files = collect_files(args.images)
+    with distributed_context(cfg.device) as ctx:
+        setup_logging(ctx.is_main)
+        scorer = Scorer.from_checkpoints(cfg, ctx, {"end": ckpt}, source)
+        calibration = calibrate(scorer, args.calibration or cfg.eval.dataset, args.tpr)
+        if ctx.is_main:
+            log.info("calibration (%s): %s on %d images of %s", calibration["from"],
+                     ", ".join(f"{t} <= {v:.6g}" for t, v in calibration["thresholds"].items()),
+                     calibration["images"], calibration["set"])
+        counts = predict_files(scorer, files, calibration["thresholds"], args.score, args.output)
+        if ctx.is_main:
+            summary = {"checkpoint": args.checkpoint, "score": args.score, "tpr": args.tpr,
+                       "thresholds": calibration["thresholds"],
+                       "calibration": {"set": calibration["set"], "images": calibration["images"]},
+                       "settings": {k: v for k, v in scorer.meta().items() if k not in ("checkpoints", "fpr95")},
+                       "counts": counts, "csv": args.output}
+            from utils.atomic import atomic_write_text
+            atomic_write_text(os.path.splitext(args.output)[0] + ".json", json.dumps(summary, indent=2))
+            print(f"{counts['scored']} scored, {counts['flagged']} flagged OOD, {counts['unreadable']} unreadable "
+                  f"({args.score} > {calibration['thresholds'][args.score]:.6g}: {args.tpr:g} of "
+                  f"{calibration['images']} {calibration['set']} images accepted) -> {args.output}")
+
+
+if __name__ == "__main__":
+    run_entry(main)

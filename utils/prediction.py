@@ -1,0 +1,206 @@
+"""Scoring new image files with calibrated verdicts: the engine of ``predict.py``.
+
+Files are decoded a chunk at a time (``eval.batch_size`` files), so memory does not grow with
+their number; under torchrun the ranks take the chunks round-robin, each writes its rows to a
+part file, and rank 0 merges them into the CSV in path order. A file that cannot be decoded
+never stops the run: it gets a row with empty scores and the reason.
+"""
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from datasets import build_dataset
+from datasets.images import list_images, to_rgb_resized
+from models.features import weights_digest
+from utils.atomic import atomic_file, atomic_write_text
+from utils.distributed import barrier, block_rows, broadcast_from, ranks_holding
+from utils.errors import UserError
+from utils.evaluation import SCORE_TYPES, Scorer
+from utils.features import image_loader, precision_tag
+from utils.progress import progress
+
+log = logging.getLogger("dlsr")
+CSV_COLUMNS = ("path", "MSE", "MFsim", "is_ood", "error")
+CALIBRATION_VERSION = 1
+
+
+def collect_files(paths: Sequence[str]) -> List[str]:
+    """The files that PATH arguments name, sorted and without repeats.
+
+    A PATH is an image file (kept whatever its name, so that an unreadable one gets a row), a
+    folder (every file with an image extension below it, links followed, each real folder once) or
+    ``@list.txt`` (one PATH per line, read as if given on the command line; blank lines and lines
+    starting with # are skipped).
+    """
+    files = set()
+    for p in paths:
+        if p.startswith("@"):
+            try:
+                with open(p[1:]) as f:
+                    entries = [line.strip() for line in f]
+            except OSError as e:
+                raise UserError(f"cannot read the file list {p[1:]!r}: {e.strerror or e}") from None
+            files |= set(collect_files([e for e in entries if e and not e.startswith("#")])) if entries else set()
+        elif os.path.isdir(p):
+            files |= set(list_images(p))
+        else:
+            files.add(p)
+    if not files:
+        raise UserError(f"no image files found in {', '.join(repr(p) for p in paths)}")
+    return sorted(files)
+
+
+class FileImages(Dataset):
+    """Decoded, resized files; item i is (uint8 (S, S, 3) tensor or None, reason it could not be decoded)."""
+
+    def __init__(self, files: Sequence[str], image_size: int):
+        self.files, self.image_size = list(files), image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path = self.files[i]
+        if not os.path.exists(path):
+            return None, "no such file"
+        if os.path.isdir(path):
+            return None, "a folder, not an image file"
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb_resized(img, self.image_size), ""
+        except Exception as e:  # zero bytes, truncated, not an image, unsupported mode: a row, never a crash
+            detail = str(e).replace(f"'{path}'", "").replace(path, "").strip(" :") or e.__class__.__name__
+            return None, f"cannot decode: {detail.splitlines()[0]}"
+
+
+def _as_list(batch):
+    return batch
+
+
+def calibration_key(scorer: Scorer, spec: str, dataset, tpr: float) -> dict:
+    cfg, d = scorer.cfg, scorer.cfg.diffusion
+    return {"version": CALIBRATION_VERSION, "checkpoint": weights_digest(scorer.models["end"].state_dict()),
+            "backbone": scorer.extractor.identity, "input_size": cfg.backbone.input_size,
+            "precision": precision_tag(scorer.ctx, cfg.amp), "set": spec, "set_identity": dataset.identity(),
+            "k": d.subset_timesteps_num, "eta": d.eta, "indexing": d.indexing, "seed": cfg.eval.seed,
+            "mfsim_layers": cfg.eval.mfsim_layers, "tpr": tpr}
+
+
+def thresholds_at(scores: Dict[str, np.ndarray], tpr: float) -> Dict[str, float]:
+    """Per score type, the threshold that accepts (score <= threshold) a fraction ``tpr`` of these ID scores."""
+    return {t: float(np.quantile(scores[t], tpr)) for t in SCORE_TYPES}
+
+
+def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:
+    """Thresholds from the calibration set ``spec``, computed once and kept in the feature cache folder.
+
+    Returns {"thresholds": {score: value}, "images": n, "set": spec, "tpr": tpr, "from": "record" | "computed"}.
+    """
+    cfg, ctx = scorer.cfg, scorer.ctx
+    dataset = build_dataset(spec, "test", cfg.data_path, cfg.backbone.input_size, cfg.download)
+    key = calibration_key(scorer, spec, dataset, tpr)
+    path = os.path.join(cfg.feature_cache_dir,
+                        f"calibration-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json")
+    record = _read_record(path, key)
+    holders = ranks_holding(record is not None, ctx)
+    if holders and len(holders) < ctx.world_size:
+        values = torch.tensor([record["thresholds"][t] for t in SCORE_TYPES] if record else [0.0] * len(SCORE_TYPES),
+                              dtype=torch.float64)
+        values = broadcast_from(values, holders[0], ctx).cpu().tolist()
+        record = {"key": key, "thresholds": dict(zip(SCORE_TYPES, values)), "images": len(dataset)}
+    if holders:
+        return {**_public(record, spec, tpr), "from": "record"}
+    feats = scorer.set_features(dataset, desc="calibration: features")
+    scores = scorer.scores(feats.z, feats.keys, desc="calibration: ", shared=True)
+    record = {"key": key, "thresholds": thresholds_at(scores, tpr), "images": len(dataset)}
+    if ctx.local_rank == 0:
+        atomic_write_text(path, json.dumps(record, indent=2))
+    barrier(ctx)
+    return {**_public(record, spec, tpr), "from": "computed"}
+
+
+def _public(record: dict, spec: str, tpr: float) -> dict:
+    return {"thresholds": record["thresholds"], "images": record["images"], "set": spec, "tpr": tpr}
+
+
+def _read_record(path: str, key: dict):
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float], score: str, output: str) -> dict:
+    """Score ``files`` and write the CSV (rank 0); return the counts {"images", "scored", "flagged", "unreadable"}."""
+    cfg, ctx = scorer.cfg, scorer.ctx
+    # A chunk holds whole backbone and reconstruction batches, so that files go through both in the
+    # same groups as the same folder does in test_mse_mfsim.py: the same scores to the bit.
+    chunk = math.lcm(cfg.eval.batch_size, cfg.extract_batch_size)
+    part = f"{output}.part-{ctx.rank}"
+    mine = Subset(FileImages(files, cfg.backbone.input_size), block_rows(len(files), chunk, ctx.rank,
+                                                                          ctx.world_size).tolist())
+    loader = image_loader(mine, ctx, chunk, cfg.workers(ctx.cuda), collate_fn=_as_list)
+    try:
+        with open(part, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            start = 0
+            for j, items in enumerate(progress(loader, "scoring", ctx.is_main, unit="chunk")):
+                names = [files[i] for i in mine.indices[start:start + len(items)]]
+                start += len(items)
+                good = [i for i, (img, _) in enumerate(items) if img is not None]
+                scores = {}
+                if good:
+                    z, keys = scorer.image_features(torch.stack([items[i][0] for i in good]))
+                    scores = scorer.scores(z, keys)
+                at = {i: n for n, i in enumerate(good)}
+                for i, (name, (_, err)) in enumerate(zip(names, items)):
+                    if i in at:
+                        values = {t: float(scores[t][at[i]]) for t in SCORE_TYPES}
+                        w.writerow([name, repr(values["MSE"]), repr(values["MFsim"]),
+                                    int(values[score] > thresholds[score]), ""])
+                    else:
+                        w.writerow([name, "", "", "", err])
+        barrier(ctx)
+        counts = _merge(files, chunk, ctx.world_size, output) if ctx.is_main else {}
+        barrier(ctx)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    return counts
+
+
+def _merge(files: List[str], chunk: int, world: int, output: str) -> dict:
+    """Interleave the ranks' part files chunk by chunk into ``output`` (atomically); count the rows."""
+    n = len(files)
+    counts = {"images": n, "scored": 0, "flagged": 0, "unreadable": 0}
+    readers = [open(f"{output}.part-{r}", newline="") for r in range(world)]
+    try:
+        rows = [csv.reader(r) for r in readers]
+        with atomic_file(output, "w") as out:
+            w = csv.writer(out, lineterminator="\n")
+            w.writerow(CSV_COLUMNS)
+            for j in range(-(-n // chunk)):
+                for _ in range(min(chunk, n - j * chunk)):
+                    row = next(rows[j % world])
+                    w.writerow(row)
+                    if row[4]:
+                        counts["unreadable"] += 1
+                    else:
+                        counts["scored"] += 1
+                        counts["flagged"] += int(row[3])
+    finally:
+        for r in readers:
+            r.close()
+    return counts

@@ -21,8 +21,8 @@ def tiny(tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One tiny training run (tests.helpers.Tiny, 3 epochs on digits) shared by the evaluation and prediction tests."""
-    from tests.helpers import Tiny, run_script
+    from tests.helpers import Tiny, run_inprocess
     t = Tiny(tmp_path_factory.mktemp("trained"))
     t.config = t.write()
-    run_script("main.py", "--config", t.config)
+    run_inprocess("main.py", "--config", t.config)
     return t

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_cache", action="store_true",
                    help="run the backbone on every image every epoch, as the release (slow; for comparison)")
     p.add_argument("--resume", help="continue a run from one of its checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an output folder that holds another run's checkpoints (they are deleted)")
     p.add_argument("--pre_ckpt_path", help="start from these LFDN weights (ours or a release checkpoint)")
     return p.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv=None) -> None:
         cfg.train.cache_features = False
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)
-        train(cfg, ctx, resume=args.resume, init_from=args.pre_ckpt_path)
+        train(cfg, ctx, resume=args.resume, init_from=args.pre_ckpt_path, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -156,12 +156,16 @@ class FolderImages(ImageSet):
                 img.load()
                 return img
         except Exception as e:
-            raise UserError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+            raise UserError(f"cannot read image {path!r}: {e.__class__.__name__}: {e}") from None
 
     def fingerprint(self) -> str:
         h = hashlib.sha1()
         for f in self.files:
-            st = os.stat(f)
+            try:
+                st = os.stat(f)
+            except OSError as e:
+                raise UserError(f"cannot read image {f!r}: {(e.strerror or str(e)).lower()} "
+                                f"(a broken link?)") from None
             h.update(f"{os.path.relpath(f, self.root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 

@@ -29,6 +29,7 @@ class BackboneSpec:
     weight_files: tuple    # file names searched for locally, first one is the canonical name
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    min_input_size: int = 32   # below this the network fails (EfficientNet's padding) or taps vanish
 
     @property
     def indices(self) -> list:
@@ -41,7 +42,7 @@ BACKBONES = {
     "efficientnet-b4": BackboneSpec((1, 5, 9, 21, 31), (24, 32, 56, 160, 448), (2, 4, 8, 16, 32),
                                     ("efficientnet-b4-6ed6700e.pth",)),
     "resnet50": BackboneSpec(("layer1", "layer2", "layer3"), (256, 512, 1024), (4, 8, 16),
-                             ("resnet50-19c8e357.pth", "resnet50-0676ba61.pth")),
+                             ("resnet50-19c8e357.pth", "resnet50-0676ba61.pth"), min_input_size=16),
     # The Lite weights were trained on inputs scaled to [-1, 1] (TF-Lite convention), not ImageNet mean/std.
     "efficientnet-lite0": BackboneSpec((0, 2, 4, 10, 15), (16, 24, 40, 112, 320), (2, 4, 8, 16, 32),
                                        ("efficientnet-lite0-57934424.pth",), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),

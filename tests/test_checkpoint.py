@@ -69,9 +69,10 @@ def test_other_width_and_other_schedule_are_refused(tmp_path):
 
 def test_our_format_round_trip_and_backbone_mismatch(tmp_path):
     m = small_lfdn()
-    payload = make_payload(m.state_dict(), {"decay": 0.9999, "num_updates": 3, "weights": m.state_dict()}, {}, {}, 4,
-                           {"diffusion": {"timesteps": 100}},
-                           {"name": "efficientnet-lite0", "identity": "efficientnet-lite0@aaa", "input_size": 64})
+    payload = make_payload(model=m.state_dict(), ema={"decay": 0.9999, "num_updates": 3, "weights": m.state_dict()},
+                           optimizer={}, scaler={}, epoch=4, config={"diffusion": {"timesteps": 100}},
+                           backbone={"name": "efficientnet-lite0", "identity": "efficientnet-lite0@aaa",
+                                     "input_size": 64}, run_id="r1")
     path = str(tmp_path / "ours.pth")
     save_checkpoint(payload, path)
     assert sorted(os.listdir(tmp_path)) == ["ours.pth"]

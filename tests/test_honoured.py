@@ -11,6 +11,7 @@ from datasets import build_dataset
 from models.features import IMAGENET_MEAN, IMAGENET_STD, MultiLayerFeatures, standardize
 from models.lfdn import LFDN
 from tests.helpers import Tiny, run_inprocess
+from utils.checkpoint import weights_checksum
 from utils.config import load_config
 from utils.distributed import DistContext
 from utils.evaluation import Scorer, image_noise
@@ -168,6 +169,7 @@ def test_the_eval_weights_are_the_ema_weights(trained, tmp_path):
     raw = torch.load(trained.ckpt / "checkpoint-last.pth", weights_only=True)
     g = torch.Generator().manual_seed(0)
     raw["ema"]["weights"] = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in raw["model"].items()}
+    raw["checksum"] = weights_checksum(raw["model"], raw["ema"])
     path = tmp_path / "ema.pth"
     torch.save(raw, path)
     cfg = load_config(trained.config)

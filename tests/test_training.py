@@ -31,8 +31,8 @@ def assert_same_weights(a: dict, b: dict, atol=0.0, rtol=0.0):
 def test_main_writes_checkpoints_log_and_config(tiny):
     cfg = tiny.write()
     run_inprocess("main.py", "--config", cfg)
-    assert sorted(os.listdir(tiny.ckpt)) == ["checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-last.pth",
-                                             "config.yaml", "log.txt"]
+    assert sorted(os.listdir(tiny.ckpt)) == [".lock", "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-last.pth",
+                                             "config.yaml", "log.txt"]  # .lock: held while a run writes here
     log = read_log(tiny.ckpt)
     assert [r["epoch"] for r in log] == [0, 1, 2]
     assert all(math.isfinite(r["loss"]) and r["lr"] == 1e-3 for r in log)

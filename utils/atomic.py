@@ -1,7 +1,10 @@
 """Writes that either happen whole or not at all: temporary file beside the target, fsync, rename."""
+import glob
 import os
 import shutil
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -12,20 +15,59 @@ def temp_name(path: str) -> str:
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
+def remove_stale_temporaries(path: str) -> None:
+    """Delete temporaries of ``path`` left by processes of this host that no longer run (a kill -9
+    during a save); those of live processes, and of other hosts, are left alone."""
+    host = socket.gethostname()
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        owner = tmp[len(path) + len(".tmp-"):]
+        tmp_host, _, pid = owner.rpartition("-")
+        if tmp_host not in (host, "") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        except PermissionError:
+            pass  # alive, another user's
+
+
+@contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C until the block is done, then raise KeyboardInterrupt: a save is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and previous is signal.default_int_handler:
+            raise KeyboardInterrupt
+
+
 @contextmanager
 def atomic_file(path: str, mode: str = "wb"):
-    """Open a temporary file for writing; it replaces ``path`` only if the block finishes."""
+    """Open a temporary file for writing; it replaces ``path`` only if the block finishes.
+    Ctrl-C during the block waits for it to finish (then interrupts)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = temp_name(path)
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with sigint_deferred():
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from models.diffusion import GaussianDiffusion
-from models.features import BACKBONES
+from models.features import BACKBONES, weights_digest
 from utils.atomic import atomic_torch_save
 from utils.errors import UserError
 
@@ -36,6 +36,7 @@ class LoadedCheckpoint:
     backbone: Optional[dict] = None      # our backbone identity record (ours only)
     backbone_state: Optional[dict] = None  # backbone weights carried by release files
     alphas_cumprod: Optional[torch.Tensor] = None  # the schedule buffer of release files
+    run_id: Optional[str] = None         # the training run that wrote it (ours; release files have none)
 
     @property
     def eval_weights(self) -> dict:
@@ -61,15 +62,31 @@ def save_checkpoint(payload: dict, path: str) -> None:
     atomic_torch_save(payload, path)
 
 
-def make_payload(model: dict, ema: dict, optimizer: dict, scaler: dict, epoch: int, config: dict,
-                 backbone: dict) -> dict:
+def make_payload(*, model: dict, ema: dict, optimizer: dict, scaler: dict, epoch: int, config: dict,
+                 backbone: dict, run_id: str) -> dict:
+    """Our checkpoint: everything to resume or evaluate, the run's id, and a checksum of the weights."""
     return {"format": FORMAT, "model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler,
-            "epoch": epoch, "config": config, "backbone": backbone}
+            "epoch": epoch, "config": config, "backbone": backbone, "run_id": run_id,
+            "checksum": weights_checksum(model, ema)}
+
+
+def weights_checksum(model: dict, ema: Optional[dict]) -> dict:
+    return {"model": weights_digest(model), "ema": weights_digest(ema["weights"]) if ema else None}
+
+
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # a zip archive (torch.save) or a legacy pickle
 
 
 def read_raw(path: str) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_MAGIC):
+        what = "an empty file" if not head else "a text or other file"
+        raise UserError(f"{path!r}: not a readable checkpoint: {what}, not one written by torch.save")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -88,12 +105,25 @@ def read_raw(path: str) -> dict:
 def load_checkpoint(path: str) -> LoadedCheckpoint:
     obj = read_raw(path)
     if obj.get("format") == FORMAT:
-        return LoadedCheckpoint(path, "dlsr", obj["model"], obj.get("ema"), obj.get("epoch"), obj.get("optimizer"),
-                                obj.get("scaler"), obj.get("config"), obj.get("backbone"))
-    if any(k.startswith(RELEASE_PREFIX) for k in obj["model"]):
-        return _from_release(path, obj)
-    raise UserError(f"{path}: not a DLSR checkpoint (neither our format nor the release's "
-                    f"'{RELEASE_PREFIX}*' layout)")
+        ck = LoadedCheckpoint(path, "dlsr", obj["model"], obj.get("ema"), obj.get("epoch"), obj.get("optimizer"),
+                              obj.get("scaler"), obj.get("config"), obj.get("backbone"), run_id=obj.get("run_id"))
+        stored = obj.get("checksum")
+        if stored is not None and stored != weights_checksum(ck.model, ck.ema):
+            raise UserError(f"{path!r}: its weights do not match the checksum stored with them: the file is "
+                            f"damaged (flipped bits?); use another copy or checkpoint")
+    elif any(k.startswith(RELEASE_PREFIX) for k in obj["model"]):
+        ck = _from_release(path, obj)
+    else:
+        raise UserError(f"{path}: not a DLSR checkpoint (neither our format nor the release's "
+                        f"'{RELEASE_PREFIX}*' layout)")
+    for what, weights in (("weights", ck.model), ("EMA weights", ck.ema["weights"] if ck.ema else {})):
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in weights.items() if v.is_floating_point()}
+        bad = {k: n for k, n in bad.items() if n}
+        if bad:
+            first = next(iter(bad))
+            raise UserError(f"{path!r}: {sum(bad.values())} non-finite (NaN/inf) values in its {what} "
+                            f"(first in {first}); it cannot score anything")
+    return ck
 
 
 def _from_release(path: str, obj: dict) -> LoadedCheckpoint:

@@ -2,6 +2,7 @@
 import argparse
 import logging
 import sys
+from contextlib import nullcontext
 from typing import Callable, Dict, Optional, Sequence, Union
 
 from tqdm import tqdm
@@ -111,6 +112,8 @@ def eval_config(args: argparse.Namespace) -> Config:
             name, sep, spec = item.partition("=")
             if not sep or not name or not spec:
                 raise UserError(f"--ood expects NAME=SPEC, e.g. SVHN=svhn, got {item!r}")
+            if name in ood:
+                raise UserError(f"--ood names the set {name!r} twice ({ood[name]!r} and {spec!r}); give each set its own name")
             ood[name] = spec
         override(cfg, "eval.ood", ood, source="--ood")
     return cfg
@@ -122,13 +125,20 @@ def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], defaul
     from utils.evaluation import Scorer
     from utils.report import format_markdown, write_outputs
 
+    from utils.distributed import agree
+    from utils.report import check_output_dir, output_lock
+
     cfg = eval_config(args)
+    out = args.output_dir or default_output_dir
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)
-        scorer = Scorer.from_checkpoints(cfg, ctx, checkpoints, args.pretrained_ldm_cfg)
-        result = scorer.evaluate(args.skip_missing, args.save_features)
-        if ctx.is_main:
-            out = args.output_dir or default_output_dir
-            write_outputs(result, out, args.save_features, plots=not args.no_plots)
-            print(format_markdown(result))
-            log.info("results written to %s", out)
+        problem = check_output_dir(out, cfg.feature_cache_dir) if ctx.is_main else None
+        if not agree(problem is None, ctx):
+            raise UserError(problem or "rank 0 refused the output folder (see its error)")
+        with output_lock(out) if ctx.is_main else nullcontext():
+            scorer = Scorer.from_checkpoints(cfg, ctx, checkpoints, args.pretrained_ldm_cfg)
+            result = scorer.evaluate(args.skip_missing, args.save_features)
+            if ctx.is_main:
+                write_outputs(result, out, args.save_features, plots=not args.no_plots)
+                print(format_markdown(result))
+                log.info("results written to %s", out)

@@ -1,6 +1,7 @@
 """One YAML per experiment, loaded into typed dataclasses. Unknown keys and wrong types are errors
 that name the key; command-line flags override values through ``override``."""
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -123,8 +124,10 @@ CHOICES = {
 
 
 def load_config(path: str) -> Config:
+    if os.path.isdir(path):
+        raise UserError(f"config {path!r} is a folder, not a YAML file (see config/ for the shipped ones)")
     if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist (see config/ for the shipped ones)")
+        raise UserError(f"config file {path!r} does not exist (see config/ for the shipped ones)")
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -179,13 +182,52 @@ def validate(cfg: Config, source: str) -> None:
     positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
                 "train.accum_iter": cfg.train.accum_iter, "train.save_every": cfg.train.save_every,
                 "eval.batch_size": cfg.eval.batch_size, "extract_batch_size": cfg.extract_batch_size,
-                "backbone.input_size": cfg.backbone.input_size,
-                "diffusion.subset_timesteps_num": cfg.diffusion.subset_timesteps_num}
+                "backbone.input_size": cfg.backbone.input_size, "train.subset": 1 if cfg.train.subset is None else cfg.train.subset,
+                "diffusion.timesteps": cfg.diffusion.timesteps}
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{source}: {key} must be positive, got {value}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UserError(f"{source}: num_workers must be >= 0, got {cfg.num_workers}")
+    _check_ranges(cfg, source)
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    """Values that would run but give meaningless numbers (or fail after hours) are refused up front."""
+    from models.features import BACKBONES
+
+    d, hp = cfg.diffusion, cfg.train
+    top = d.timesteps - 1 if d.indexing == "release" else d.timesteps
+    if not 1 <= d.subset_timesteps_num <= top:
+        raise UserError(f"{source}: diffusion.subset_timesteps_num (k) must be in 1..{top} with {d.indexing} "
+                        f"indexing and {d.timesteps} timesteps, got {d.subset_timesteps_num}")
+    ranges = {  # key: (value, low, high, high included)
+        "diffusion.eta": (d.eta, 0.0, 1.0, True),
+        "diffusion.linear_start": (d.linear_start, 0.0, 1.0, False),
+        "diffusion.linear_end": (d.linear_end, 0.0, 1.0, False),
+        "train.lr": (hp.lr if hp.lr is not None else 0.0, 0.0, math.inf, False),
+        "train.blr": (hp.blr, 0.0, math.inf, False),
+        "train.min_lr": (hp.min_lr, 0.0, math.inf, False),
+        "train.weight_decay": (hp.weight_decay, 0.0, math.inf, False),
+        "train.warmup_epochs": (hp.warmup_epochs, 0, math.inf, False),
+        "train.ema_decay": (hp.ema_decay, 0.0, 1.0, True),
+        "lfdn.dropout": (cfg.lfdn.dropout, 0.0, 1.0, False),
+    }
+    for key, (value, low, high, closed) in ranges.items():
+        inside = low <= value <= high if closed else low <= value < high
+        if not (math.isfinite(value) and inside):
+            bound = f"[{low:g}, {high:g}{']' if closed else ')'}"
+            raise UserError(f"{source}: {key} must be in {bound}, got {value}")
+    if not d.linear_start < d.linear_end:
+        raise UserError(f"{source}: diffusion.linear_start must be below linear_end, got {d.linear_start} >= {d.linear_end}")
+    if len(hp.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in hp.betas):
+        raise UserError(f"{source}: train.betas must be two numbers in [0, 1), got {hp.betas}")
+    spec = BACKBONES.get(cfg.backbone.name)
+    if spec is None:
+        raise UserError(f"{source}: unknown backbone.name {cfg.backbone.name!r}; choose one of {', '.join(BACKBONES)}")
+    if cfg.backbone.input_size < spec.min_input_size:
+        raise UserError(f"{source}: backbone.input_size must be at least {spec.min_input_size} for "
+                        f"{cfg.backbone.name}, got {cfg.backbone.input_size}")
 
 
 def _fields(cls) -> dict:

@@ -115,3 +115,8 @@ def broadcast_from(t: torch.Tensor, src: int, ctx: DistContext) -> torch.Tensor:
     buf = t.to(ctx.device).contiguous()
     dist.broadcast(buf, src)
     return buf
+
+
+def agree(ok: bool, ctx: DistContext) -> bool:
+    """True on every rank if ``ok`` is true on every rank (a check one rank makes, all ranks act on)."""
+    return len(ranks_holding(not ok, ctx)) == 0

@@ -10,5 +10,6 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text.splitlines()[0] if text else exc.__class__.__name__
+        return (last.split(": ", 1)[1] if ": " in last else last) or exc.__class__.__name__
+    # A newline inside the message (a file name can hold one) is shown escaped, not as a line break.
+    return text.replace("\r", "\\r").replace("\n", "\\n") if text else exc.__class__.__name__

@@ -26,7 +26,7 @@ from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.errors import UserError
-from utils.features import Features, autocast, image_keys, load_or_extract, standardized_features
+from utils.features import Features, autocast, file_stem, image_keys, load_or_extract, standardized_features
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion
 from utils.progress import progress
@@ -99,6 +99,11 @@ class Scorer:
         """{role: checkpoint path (or one already loaded)} -> a Scorer with each checkpoint's EMA weights,
         all checked against ``cfg``."""
         ckpts = {role: p if isinstance(p, LoadedCheckpoint) else load_checkpoint(p) for role, p in paths.items()}
+        runs = {role: c.run_id for role, c in ckpts.items() if c.run_id}
+        if len(runs) == len(ckpts) > 1 and len(set(runs.values())) > 1:
+            raise UserError(f"the checkpoints come from different training runs "
+                            f"({', '.join(f'{r}: {c.path} (run {c.run_id[:8]})' for r, c in ckpts.items())}); "
+                            f"LR compares the first and the last checkpoint of one run")
         states = {role: c.backbone_state for role, c in ckpts.items() if c.backbone_state is not None}
         digests = {role: weights_digest(s) for role, s in states.items()}
         if len(set(digests.values())) > 1:
@@ -227,6 +232,12 @@ def find_sets(cfg: Config, skip_missing: bool):
     """Build the ID test set and every OOD set before any computing; report all missing ones at once."""
     if ID_NAME in cfg.eval.ood:
         raise UserError(f"an OOD set may not be called {ID_NAME!r}: that name is the ID test set's")
+    stems = {}
+    for name in (ID_NAME, *cfg.eval.ood):
+        other = stems.setdefault(file_stem(name), name)
+        if other != name:
+            raise UserError(f"the sets {other!r} and {name!r} would both be saved as scores/{file_stem(name)}.npy; "
+                            f"rename one")
     specs = {ID_NAME: cfg.eval.dataset, **cfg.eval.ood}
     found, missing = build_datasets(specs, "test", cfg.data_path, cfg.backbone.input_size, cfg.download)
     if missing and (ID_NAME in missing or not skip_missing):

@@ -25,6 +25,7 @@ from models.features import MultiLayerFeatures, standardize
 from utils.atomic import atomic_torch_save
 from utils.distributed import DistContext, barrier, block_rows, broadcast_from, gather_interleaved, ranks_holding
 from utils.progress import progress
+from utils.rundir import cause
 
 log = logging.getLogger("dlsr")
 CACHE_VERSION = 3  # 2: the backbone batch is part of the key; 3: image keys stored
@@ -164,13 +165,21 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
         # Rank 0 first, then the first process of every other node that still lacks the file.
         writes_first = ctx.is_main and stored is None
         if writes_first:
-            atomic_torch_save({"key": key, "features": raw.cpu(), "image_keys": keys}, path)
+            _store(path, {"key": key, "features": raw.cpu(), "image_keys": keys})
         barrier(ctx)
         if stored is None and not writes_first and ctx.local_rank == 0 and not os.path.isfile(path):
-            atomic_torch_save({"key": key, "features": raw.cpu(), "image_keys": keys}, path)
+            _store(path, {"key": key, "features": raw.cpu(), "image_keys": keys})
         barrier(ctx)
     z = standardize(raw.to(ctx.device), extractor.indices)  # (N, D)
     return Features(z, keys, seconds, bool(holders))
+
+
+def _store(path: str, payload: dict) -> None:
+    """Write a cache file; a failure (a disk that filled up meanwhile) costs the cache, not the run."""
+    try:
+        atomic_torch_save(payload, path)
+    except OSError as e:
+        log.warning("cannot store features in the cache %s: %s; going on without it", path, cause(e))
 
 
 def _read_valid(path: str, key: dict, shape: tuple):

@@ -9,13 +9,16 @@ import io
 import json
 import logging
 import os
+import shutil
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from utils.atomic import atomic_file, atomic_write_text
+from utils.atomic import atomic_file, atomic_write_text, temp_name
+from utils.errors import UserError
 from utils.evaluation import ID_NAME, EvalResult
 from utils.features import file_stem
+from utils.rundir import cause, check_writable, folder_lock, foreign_files, replace_folder
 
 log = logging.getLogger("dlsr")
 METRICS = ("AUROC", "FPR95", "AUPR_In", "AUPR_Out")
@@ -86,8 +89,47 @@ def results_csv(result: EvalResult) -> str:
     return buf.getvalue()
 
 
+OUTPUT_PREFIXES = ("results.", "scores", "features", "roc_", "hist_")
+
+
+def check_output_dir(output_dir: str, cache_dir: str) -> Optional[str]:
+    """Why the evaluation may not write to ``output_dir`` (None if it may), checked before any work."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return f"output folder {output_dir!r} is a file, not a folder"
+    foreign = foreign_files(output_dir, OUTPUT_PREFIXES)
+    if foreign:
+        return (f"output folder {output_dir!r} holds files that are not evaluation results ({', '.join(foreign[:3])}); "
+                f"results replace the whole folder, so choose an empty or results folder")
+    try:
+        check_writable(os.path.dirname(os.path.abspath(output_dir)), "the folder of the output folder")
+        check_writable(cache_dir, "feature cache folder")
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def output_lock(output_dir: str):
+    """A lock beside the output folder (the folder itself is replaced whole at the end)."""
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    return folder_lock(os.path.join(parent, f".{name}.lock"), f"output folder {output_dir!r}")
+
+
 def write_outputs(result: EvalResult, output_dir: str, save_features: bool = False, plots: bool = True) -> List[str]:
-    """Write every output file; return their paths."""
+    """Write every output into a new folder, then put it in place of ``output_dir`` whole, so the
+    folder never mixes two runs' files; return the final paths."""
+    staging = temp_name(os.path.abspath(output_dir).rstrip("/"))
+    try:
+        written = _write_all(result, staging, save_features, plots)
+        replace_folder(staging, output_dir)
+    except OSError as e:
+        raise UserError(f"cannot write results to {output_dir!r}: {cause(e)}; the results there before are "
+                        f"left as they were") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [os.path.join(output_dir, os.path.relpath(p, staging)) for p in written]
+
+
+def _write_all(result: EvalResult, output_dir: str, save_features: bool, plots: bool) -> List[str]:
     os.makedirs(output_dir, exist_ok=True)
     written = []
     for name, s in result.sets.items():

@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -34,11 +36,12 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.config import Config, config_to_dict, save_config
-from utils.distributed import DistContext, all_reduce_mean, barrier
+from utils.distributed import DistContext, agree, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.features import autocast, image_loader, load_or_extract, standardized_features
 from utils.model_factory import build_diffusion, build_lfdn
 from utils.progress import progress
+from utils.rundir import cause, check_writable, folder_lock
 
 log = logging.getLogger("dlsr")
 
@@ -81,6 +84,7 @@ class Trainer:
     dataset: Optional[ImageSet]      # None when training on given features
     cached: Optional[torch.Tensor]   # (N, D) standardised features on device, or None for the image path
     start_epoch: int = 0
+    run_id: str = ""                 # stored in every checkpoint: test_LR.py refuses pairs from two runs
 
     def sampler(self, epoch: int) -> DistributedSampler:
         s = DistributedSampler(range(self.num_samples), num_replicas=self.ctx.world_size, rank=self.ctx.rank,
@@ -154,8 +158,10 @@ class Trainer:
                 "samples_per_s": steps * cfg.train.batch_size * world / seconds, "seconds": seconds}
 
     def payload(self, epoch: int) -> dict:
-        return make_payload(self.model.state_dict(), self.ema.state_dict(), self.optimizer.state_dict(),
-                            self.scaler.state_dict(), epoch, config_to_dict(self.cfg), backbone_record(self.cfg, self.extractor))
+        return make_payload(model=self.model.state_dict(), ema=self.ema.state_dict(),
+                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
+                            config=config_to_dict(self.cfg), backbone=backbone_record(self.cfg, self.extractor),
+                            run_id=self.run_id)
 
     def save(self, epoch: int) -> list:
         """checkpoint-<epoch>.pth every save_every epochs (epoch 0 included) and checkpoint-last.pth at every
@@ -168,9 +174,13 @@ class Trainer:
             names.append("checkpoint-last.pth")
         if self.ctx.is_main and names:
             first = os.path.join(cfg.output_dir, names[0])
-            save_checkpoint(self.payload(epoch), first)
-            for name in names[1:]:
-                atomic_link(first, os.path.join(cfg.output_dir, name))
+            try:
+                save_checkpoint(self.payload(epoch), first)
+                for name in names[1:]:
+                    atomic_link(first, os.path.join(cfg.output_dir, name))
+            except OSError as e:
+                raise UserError(f"cannot write checkpoint {first!r}: {cause(e)}; the checkpoints written "
+                                f"before are left as they were") from None
         barrier(self.ctx)
         return names
 
@@ -204,9 +214,11 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
     dataset, cached = training_data(cfg, ctx, extractor, features)
     model, ema, optimizer, scaler = training_model(cfg, ctx, extractor.feature_dim, initial)
     start_epoch = restore(cfg, model, ema, optimizer, scaler, resumed)
+    run_id = resumed.run_id if resumed is not None and resumed.run_id else uuid.uuid4().hex
     net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.cuda else None) \
         if ctx.distributed else model
-    return Trainer(cfg, ctx, extractor, diffusion, model, net, ema, optimizer, scaler, dataset, cached, start_epoch)
+    return Trainer(cfg, ctx, extractor, diffusion, model, net, ema, optimizer, scaler, dataset, cached, start_epoch,
+                   run_id)
 
 
 def training_data(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures,
@@ -266,12 +278,47 @@ def _load_weights(model: LFDN, ckpt: LoadedCheckpoint, flag: str) -> None:
 
 
 def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
-          features: Optional[torch.Tensor] = None, extractor: Optional[MultiLayerFeatures] = None) -> Trainer:
-    """The whole run: build, then epochs from ``start_epoch``; returns the trainer at the end."""
-    trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
+          features: Optional[torch.Tensor] = None, extractor: Optional[MultiLayerFeatures] = None,
+          overwrite: bool = False) -> Trainer:
+    """The whole run: check and lock the output folder, build, then epochs from ``start_epoch``;
+    returns the trainer at the end."""
+    problem = _output_problem(cfg, resume, overwrite) if ctx.is_main else None
+    if not agree(problem is None, ctx):
+        raise UserError(problem or "rank 0 refused the output folder (see its error)")
+    with folder_lock(os.path.join(cfg.output_dir, ".lock"), f"output folder {cfg.output_dir!r}") \
+            if ctx.is_main else nullcontext():
+        if ctx.is_main and overwrite and resume is None:
+            for name in os.listdir(cfg.output_dir):
+                if CHECKPOINT_NAME.fullmatch(name) or name == "log.txt":
+                    os.remove(os.path.join(cfg.output_dir, name))
+        trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
+        _run_epochs(trainer)
+    return trainer
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+|last)\.pth")
+
+
+def _output_problem(cfg: Config, resume: Optional[str], overwrite: bool) -> Optional[str]:
+    """Why rank 0 may not train into cfg.output_dir (None if it may), checked before any work."""
+    try:
+        for folder, what in ((cfg.output_dir, "output folder"), (cfg.log_folder, "log folder"),
+                             (cfg.feature_cache_dir, "feature cache folder")):
+            check_writable(folder, what)
+    except UserError as e:
+        return str(e)
+    existing = sorted(n for n in os.listdir(cfg.output_dir) if CHECKPOINT_NAME.fullmatch(n))
+    if existing and resume is None and not overwrite:
+        return (f"output folder {cfg.output_dir!r} already holds checkpoints of a run ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}); continue it with --resume "
+                f"{os.path.join(cfg.output_dir, 'checkpoint-last.pth')}, start afresh with --overwrite, "
+                f"or choose another --output_dir")
+    return None
+
+
+def _run_epochs(trainer: Trainer) -> None:
+    cfg, ctx = trainer.cfg, trainer.ctx
     if ctx.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        os.makedirs(cfg.log_folder, exist_ok=True)
         save_config(cfg, os.path.join(cfg.log_folder, "config.yaml"))
         log.info("LFDN %.2fM parameters; %d images, %d steps/epoch on %d process(es); epochs %d..%d",
                  sum(p.numel() for p in trainer.model.parameters()) / 1e6, trainer.num_samples,
@@ -292,7 +339,6 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
     finally:
         if writer is not None:
             writer.close()
-    return trainer
 
 
 def _tensorboard(log_dir: str):

@@ -1,0 +1,78 @@
+"""Output folders that runs can trust: checked before the work, locked while in use, and (for
+evaluation results) replaced whole, so that a folder never holds the outputs of two runs."""
+import errno
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from typing import Iterable
+
+from utils.atomic import temp_name
+from utils.errors import UserError
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Create ``folder`` if needed and write a probe file into it, so a full disk, a read-only
+    folder or a path that is a file is reported now, with its cause, not after hours of work."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{what} {folder!r} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = temp_name(os.path.join(folder, ".write-probe"))
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {folder!r}: {cause(e)}") from None
+
+
+def cause(e: OSError) -> str:
+    """An OSError's cause in words: "no space left on device", "permission denied", ..."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return (e.strerror or e.__class__.__name__).lower()
+
+
+@contextmanager
+def folder_lock(lock_path: str, what: str):
+    """Hold an exclusive lock on ``lock_path`` for the block; a second run gets one clear line.
+
+    A POSIX record lock: the kernel drops it when the process ends, however it ends (kill -9
+    included), and worker processes forked meanwhile (DataLoader) do not inherit it."""
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"{what} is in use by another run (process {holder} holds {lock_path}); "
+                            f"wait for it or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def replace_folder(new: str, target: str) -> None:
+    """Put the finished folder ``new`` in place of ``target`` whole: ``target`` holds either all of the
+    previous run's outputs or all of this one's, never a mix (check ``foreign_files`` first: the
+    previous folder is deleted)."""
+    if os.path.isdir(target):
+        old = temp_name(target.rstrip("/") + ".old")
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, target)
+
+
+def foreign_files(folder: str, ours: Iterable[str]) -> list:
+    """Entries of ``folder`` whose names start with none of the prefixes ``ours``."""
+    if not os.path.isdir(folder):
+        return []
+    ours = tuple(ours)
+    return sorted(n for n in os.listdir(folder) if not n.startswith(ours))

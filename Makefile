@@ -1,5 +1,6 @@
 # make demo: install, then train + evaluate the embedded offline demo (Fashion-MNIST vs digits/photos/noise)
 # make test: install, then run the test suite
+# make benchmark: install, then the offline near/far benchmark, 3 training seeds (config/fmnist_split.yaml)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo_output
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo fashion-mnist bench clean
+.PHONY: install test demo fashion-mnist bench benchmark clean
 
 install: $(STAMP)
 
@@ -35,6 +36,9 @@ demo: install fashion-mnist
 		--pretrained_ldm_ckpt_first $(DEMO)/checkpoint/checkpoint-0.pth \
 		--pretrained_ldm_ckpt_end $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-LR
 
+benchmark: install fashion-mnist
+	$(PY) bench/benchmark.py
+
 bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
@@ -42,4 +46,4 @@ bench: install
 	$(PY) bench/bench_memory.py
 
 clean:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) benchmark_output

@@ -68,9 +68,15 @@ def to_rgb_resized(img: Image.Image, size: int) -> torch.Tensor:
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Base: ``load(i)`` gives a PIL image; ``fingerprint()`` identifies the content for caches."""
+    """Base: ``load(i)`` gives a PIL image; ``fingerprint()`` identifies the content for caches.
+
+    A labelled set also has ``labels`` (N,) class indices and ``classes`` (their names), which
+    class filters (``SPEC@CLASSES``) select by.
+    """
 
     name: str = ""
+    labels: Optional[np.ndarray] = None
+    classes: Optional[list] = None
 
     def __init__(self, image_size: int):
         self.image_size = image_size
@@ -91,12 +97,14 @@ class ImageSet(torch.utils.data.Dataset):
 class ArrayImages(ImageSet):
     """In-memory uint8 images: (N, H, W) grayscale or (N, H, W, 3) RGB."""
 
-    def __init__(self, name: str, array: np.ndarray, image_size: int):
+    def __init__(self, name: str, array: np.ndarray, image_size: int, labels=None, classes=None):
         super().__init__(image_size)
         if array.dtype != np.uint8 or array.ndim not in (3, 4) or len(array) == 0:
             raise ValueError(f"{name}: expected a non-empty uint8 (N, H, W[, 3]) array, got {array.dtype} {array.shape}")
         self.name = name
         self.array = array
+        if labels is not None:
+            self.labels, self.classes = np.asarray(labels, dtype=np.int64), list(classes)
 
     def __len__(self) -> int:
         return len(self.array)
@@ -143,6 +151,11 @@ class FolderImages(ImageSet):
         self.name = name
         self.root = root
         self.files = list_images(root)
+        # ImageFolder classes: the first folder level below root (files directly in root have none, -1).
+        tops = [os.path.relpath(f, root).split(os.sep) for f in self.files]
+        self.classes = sorted({t[0] for t in tops if len(t) > 1})
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = np.array([index[t[0]] if len(t) > 1 else -1 for t in tops], dtype=np.int64)
         if not self.files:
             raise UserError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
 
@@ -197,6 +210,8 @@ class SubsetImages(ImageSet):
         self.base = base
         self.indices = list(indices)
         self.name = base.name
+        if base.labels is not None:
+            self.labels, self.classes = base.labels[np.asarray(self.indices, dtype=np.int64)], base.classes
 
     def __len__(self) -> int:
         return len(self.indices)

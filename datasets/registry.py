@@ -13,7 +13,7 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-from datasets.images import ArrayImages, FolderImages, ImageSet, PILImages
+from datasets.images import ArrayImages, FolderImages, ImageSet, PILImages, SubsetImages
 from utils.errors import UserError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -25,15 +25,44 @@ class DatasetMissing(UserError):
 
 
 def build_dataset(spec: str, split: str, data_path: str, image_size: int, download: bool = True) -> ImageSet:
-    """Spec string -> ImageSet yielding uint8 (S, S, 3) tensors. Raises DatasetMissing / UserError."""
+    """Spec string -> ImageSet yielding uint8 (S, S, 3) tensors. Raises DatasetMissing / UserError.
+
+    ``SPEC@CLASSES`` keeps the images of some classes of a labelled set: indices and ranges
+    (``fashion-mnist@0-4``, ``cifar10@0,1,8``) or class names (``folder:PATH@cat,dog``).
+    """
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
-    kind, _, arg = spec.partition(":")
+    base_spec, at, class_list = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    kind, _, arg = base_spec.partition(":")
     if kind not in BUILDERS:
         raise UserError(f"unknown dataset {spec!r}; known: {', '.join(KNOWN_SPECS)}")
     ds = BUILDERS[kind](arg, split, data_path, image_size, download)
+    if at:
+        ds = select_classes(ds, base_spec, class_list)
     ds.name = spec
     return ds
+
+
+def select_classes(ds: ImageSet, spec: str, class_list: str) -> ImageSet:
+    """The images of ``ds`` whose class is in ``class_list`` ("0-4", "0,1,8", "cat,dog"), in dataset order."""
+    if ds.labels is None:
+        raise UserError(f"{spec} has no classes to select with @{class_list}")
+    valid = ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes))
+    wanted = set()
+    for item in (x.strip() for x in class_list.split(",")):
+        lo, dash, hi = item.partition("-")
+        if item in ds.classes:
+            wanted.add(ds.classes.index(item))
+        elif item.isdigit() and int(item) < len(ds.classes):
+            wanted.add(int(item))
+        elif dash and lo.isdigit() and hi.isdigit() and int(lo) <= int(hi) < len(ds.classes):
+            wanted.update(range(int(lo), int(hi) + 1))
+        else:
+            raise UserError(f"{spec}@{class_list}: unknown class {item!r}; the classes are {valid}")
+    indices = np.flatnonzero(np.isin(ds.labels, sorted(wanted)))
+    if len(indices) == 0:
+        raise UserError(f"{spec}@{class_list}: no images in these classes")
+    return SubsetImages(ds, indices.tolist())
 
 
 def build_datasets(specs: Dict[str, str], split: str, data_path: str, image_size: int,
@@ -71,14 +100,15 @@ def _cifar(cls_name: str, folder: str):
     def build(arg, split, data_path, size, download):
         ds = _torchvision(cls_name, data_path, f"{folder}/ (torchvision {cls_name} layout)", download,
                           train=split == "train")
-        return ArrayImages(cls_name.lower(), ds.data, size)
+        return ArrayImages(cls_name.lower(), ds.data, size, ds.targets, ds.classes)
     return build
 
 
 def _svhn(arg, split, data_path, size, download):
     root = os.path.join(data_path, "SVHN")
     ds = _torchvision("SVHN", root, f"{split}_32x32.mat (torchvision SVHN layout)", download, split=split)
-    return ArrayImages("svhn", np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), size)
+    return ArrayImages("svhn", np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), size, ds.labels,
+                       [str(i) for i in range(10)])
 
 
 def _mnist_like(cls_name: str):
@@ -88,14 +118,16 @@ def _mnist_like(cls_name: str):
         if cls_name == "FashionMNIST" and not _has_mnist_raw(data_path, cls_name) and os.path.isdir(DEBIAN_FASHION_MNIST):
             prefix = "train" if split == "train" else "t10k"
             return ArrayImages("fashion-mnist", read_idx_images(
-                os.path.join(DEBIAN_FASHION_MNIST, f"{prefix}-images-idx3-ubyte.gz")), size)
+                os.path.join(DEBIAN_FASHION_MNIST, f"{prefix}-images-idx3-ubyte.gz")), size,
+                read_idx_labels(os.path.join(DEBIAN_FASHION_MNIST, f"{prefix}-labels-idx1-ubyte.gz")),
+                FASHION_MNIST_CLASSES)
         try:
             ds = _torchvision(cls_name, data_path, layout, download, train=split == "train")
         except DatasetMissing as e:
             if cls_name == "FashionMNIST":
                 raise DatasetMissing(f"{e}; on Debian, `apt-get install dataset-fashion-mnist` also works") from None
             raise
-        return ArrayImages(cls_name.lower(), ds.data.numpy(), size)
+        return ArrayImages(cls_name.lower(), ds.data.numpy(), size, ds.targets.numpy(), ds.classes)
     return build
 
 
@@ -113,6 +145,22 @@ def read_idx_images(path: str) -> np.ndarray:
     if magic != 2051 or len(data) != 16 + n * h * w:
         raise UserError(f"{path} is not an IDX image file")
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def read_idx_labels(path: str) -> np.ndarray:
+    """An IDX label file (optionally gzipped) -> uint8 (N,)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic, n = (int.from_bytes(data[i:i + 4], "big") for i in range(0, 8, 4))
+    if magic != 2049 or len(data) != 8 + n:
+        raise UserError(f"{path} is not an IDX label file")
+    return np.frombuffer(data, dtype=np.uint8, offset=8)
+
+
+# torchvision's FashionMNIST.classes
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
 
 
 def _celeba(arg, split, data_path, size, download):
@@ -155,8 +203,9 @@ def _split_seed(split: str) -> int:
 
 def _digits(arg, split, data_path, size, download):
     from sklearn.datasets import load_digits
-    images = load_digits().images  # (1797, 8, 8), values 0..16
-    return ArrayImages("digits", np.round(images * (255.0 / 16.0)).astype(np.uint8), size)
+    digits = load_digits()  # images (1797, 8, 8), values 0..16
+    return ArrayImages("digits", np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), size, digits.target,
+                       [str(i) for i in range(10)])
 
 
 def _photos(arg, split, data_path, size, download):

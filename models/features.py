@@ -78,12 +78,21 @@ class MultiLayerFeatures(nn.Module):
     ``state_dict``: backbone weights given directly (e.g. from a release checkpoint); wins over ``weights``.
     """
 
-    def __init__(self, name: str, weights: Optional[str] = None, state_dict: Optional[dict] = None):
+    def __init__(self, name: str, weights: Optional[str] = None, state_dict: Optional[dict] = None,
+                 layers: Optional[Sequence[int]] = None):
         super().__init__()
         if name not in BACKBONES:
             raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         self.name = name
         self.spec = BACKBONES[name]
+        # The LFDN's vector may use some of the tapped layers (the paper's Fig. 5 ablation). The
+        # backbone always computes, and the cache always stores, all of them: ``select`` picks.
+        n_taps = len(self.spec.channels)
+        self.layers = list(range(n_taps)) if layers is None else sorted(set(layers))
+        if not self.layers or any(not 0 <= l < n_taps for l in self.layers):
+            raise UserError(f"layers must be taps of {name} among 0..{n_taps - 1}, got {list(layers)}")
+        bounds = [0, *self.spec.indices]
+        self._columns = torch.cat([torch.arange(bounds[l], bounds[l + 1]) for l in self.layers])
         self.backbone = _build(name)
         if state_dict is not None:
             _load_used(self.backbone, state_dict, self.used_keys(), "backbone weights in the checkpoint")
@@ -107,12 +116,25 @@ class MultiLayerFeatures(nn.Module):
         return {k for k in self.backbone.state_dict() if k.startswith(prefixes)}
 
     @property
-    def feature_dim(self) -> int:
+    def raw_dim(self) -> int:
+        """Width of the pooled vector of all taps (what ``forward`` returns and the cache stores)."""
         return self.spec.indices[-1]
 
     @property
+    def feature_dim(self) -> int:
+        """Width of the vectors the LFDN sees (the selected layers)."""
+        return len(self._columns)
+
+    @property
     def indices(self) -> list:
-        return self.spec.indices
+        """Cumulative channel counts of the selected layers: the slice ends in the LFDN's vector."""
+        return np.cumsum([self.spec.channels[l] for l in self.layers]).tolist()
+
+    def select(self, raw: torch.Tensor) -> torch.Tensor:
+        """(..., raw_dim) -> (..., feature_dim): the selected layers' slices."""
+        if len(self.layers) == len(self.spec.channels):
+            return raw
+        return raw[..., self._columns.to(raw.device)]
 
     def train(self, mode: bool = True):
         # Frozen: BatchNorm always uses its running statistics.

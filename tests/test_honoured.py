@@ -270,3 +270,18 @@ def test_each_image_draws_its_own_noise():
     many = image_noise(torch.arange(512), 0, "end", 1, (64,))[0]  # independent across images
     corr = torch.corrcoef(many)
     assert corr.fill_diagonal_(0).abs().max() < 0.6
+
+
+def test_backbone_layers_select_those_taps_slices(tiny_shared):
+    from utils.features import standardized_features
+    from utils.model_factory import build_extractor
+    cfg = load_config(tiny_shared.write(backbone={"name": "efficientnet-lite0", "input_size": 32, "layers": [1, 4]}))
+    part, whole = build_extractor(cfg), MultiLayerFeatures("efficientnet-lite0")
+    assert (part.feature_dim, part.indices, part.raw_dim) == (24 + 320, [24, 344], 512)
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = whole(whole.normalize(images))  # (3, 512): taps 16 | 24 | 40 | 112 | 320
+    expected = standardize(torch.cat([raw[:, 16:40], raw[:, 192:512]], dim=1), [24, 344])
+    assert torch.allclose(standardized_features(part, images, CPU, False), expected, atol=1e-5)
+    trainer = build_trainer(cfg, CPU)
+    assert trainer.model.in_channels == 344 and trainer.cached.shape[1] == 344

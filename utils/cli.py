@@ -102,6 +102,11 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="noise seed (default 0)")
     p.add_argument("--mfsim_layers", choices=("release", "all"), help="release: skip layer 0 (default); all: paper")
     p.add_argument("--fpr95", choices=("release", "ood_positive"), help="FPR95 convention (default: release)")
+    p.add_argument("--group", action="append", default=[], metavar="NAME=near|far",
+                   help="put an OOD set in the near or far group (repeatable; adds near/far mean rows)")
+    p.add_argument("--baselines", metavar="LIST", help="also score every set with baselines on the same features: "
+                   "knn, mahalanobis, or knn,mahalanobis (default: the config's eval.baselines)")
+    p.add_argument("--knn_k", metavar="LIST", help="kNN's k values, e.g. 1,50 (default: the config's eval.knn_k)")
 
 
 def eval_config(args: argparse.Namespace) -> Config:
@@ -115,7 +120,24 @@ def eval_config(args: argparse.Namespace) -> Config:
             if name in ood:
                 raise UserError(f"--ood names the set {name!r} twice ({ood[name]!r} and {spec!r}); give each set its own name")
             ood[name] = spec
+        override(cfg, "eval.groups", {n: g for n, g in cfg.eval.groups.items() if n in ood}, source="--ood")
         override(cfg, "eval.ood", ood, source="--ood")
+    if args.group:
+        groups = dict(cfg.eval.groups)
+        for item in args.group:
+            name, sep, group = item.partition("=")
+            if not sep:
+                raise UserError(f"--group expects NAME=near or NAME=far, got {item!r}")
+            groups[name] = group
+        override(cfg, "eval.groups", groups, source="--group")
+    if args.baselines is not None:
+        override(cfg, "eval.baselines", [b.strip() for b in args.baselines.split(",") if b.strip()], source="--baselines")
+    if args.knn_k is not None:
+        try:
+            ks = [int(k) for k in args.knn_k.split(",")]
+        except ValueError:
+            raise UserError(f"--knn_k expects integers like 1,50, got {args.knn_k!r}") from None
+        override(cfg, "eval.knn_k", ks, source="--knn_k")
     return cfg
 
 

@@ -17,6 +17,7 @@ class BackboneConfig:
     name: str = "efficientnet-b4"
     weights: Optional[str] = None       # file path; None: search ./ and ./checkpoint/, then download
     input_size: int = 224
+    layers: Optional[List[int]] = None  # taps the LFDN's vector uses (0-based); None: all (the paper)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class EvalConfig:
     mfsim_layers: str = "release"       # release: skip layer 0, divide by L-1 | all: average all L layers
     fpr95: str = "release"              # release: ID-positive | ood_positive: OpenOOD v1.5 / pytorch-ood
     seed: int = 0
+    groups: Dict[str, str] = field(default_factory=dict)   # OOD set name -> near | far (mean rows per group)
+    baselines: List[str] = field(default_factory=list)     # knn, mahalanobis: scored on the same features
+    knn_k: List[int] = field(default_factory=lambda: [1, 50])
 
 
 @dataclass
@@ -190,6 +194,26 @@ def validate(cfg: Config, source: str) -> None:
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UserError(f"{source}: num_workers must be >= 0, got {cfg.num_workers}")
     _check_ranges(cfg, source)
+    _check_eval_lists(cfg, source)
+
+
+GROUPS = ("near", "far")
+
+
+def _check_eval_lists(cfg: Config, source: str) -> None:
+    from utils.baselines import BASELINES
+
+    e = cfg.eval
+    for name, group in e.groups.items():
+        if name not in e.ood:
+            raise UserError(f"{source}: eval.groups names {name!r}, which is not an OOD set ({', '.join(e.ood)})")
+        if group not in GROUPS:
+            raise UserError(f"{source}: eval.groups.{name} must be one of {', '.join(GROUPS)}, got {group!r}")
+    for b in e.baselines:
+        if b not in BASELINES:
+            raise UserError(f"{source}: eval.baselines may hold {', '.join(BASELINES)}, got {b!r}")
+    if not e.knn_k or any(k < 1 for k in e.knn_k):
+        raise UserError(f"{source}: eval.knn_k must be a list of positive integers, got {e.knn_k}")
 
 
 def _check_ranges(cfg: Config, source: str) -> None:
@@ -225,6 +249,10 @@ def _check_ranges(cfg: Config, source: str) -> None:
     spec = BACKBONES.get(cfg.backbone.name)
     if spec is None:
         raise UserError(f"{source}: unknown backbone.name {cfg.backbone.name!r}; choose one of {', '.join(BACKBONES)}")
+    layers = cfg.backbone.layers
+    if layers is not None and (not layers or any(not 0 <= l < len(spec.channels) for l in layers)):
+        raise UserError(f"{source}: backbone.layers must list taps of {cfg.backbone.name} among "
+                        f"0..{len(spec.channels) - 1}, got {layers}")
     if cfg.backbone.input_size < spec.min_input_size:
         raise UserError(f"{source}: backbone.input_size must be at least {spec.min_input_size} for "
                         f"{cfg.backbone.name}, got {cfg.backbone.input_size}")

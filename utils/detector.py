@@ -61,8 +61,8 @@ class DLSRDetector:
 
     def fit(self, loader: Iterable) -> "DLSRDetector":
         """Train on ID images: ``loader`` yields image batches (see ``predict`` for the forms accepted)."""
-        from models.features import MultiLayerFeatures
-        extractor = MultiLayerFeatures(self.cfg.backbone.name, self.cfg.backbone.weights).to(self.ctx.device)
+        from utils.model_factory import build_extractor
+        extractor = build_extractor(self.cfg).to(self.ctx.device)
         z = torch.cat([self._features(batch, extractor)[0] for batch in loader])
         return self.fit_features(z, extractor)
 

@@ -18,17 +18,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from datasets import ImageSet, build_datasets
+from datasets import ImageSet, build_dataset, build_datasets, random_subset
 from models.diffusion import GaussianDiffusion
 from models.features import MultiLayerFeatures, weights_digest
 from models.lfdn import LFDN
+from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.errors import UserError
 from utils.features import Features, autocast, file_stem, image_keys, load_or_extract, standardized_features
 from utils.metrics import ood_metrics
-from utils.model_factory import build_diffusion
+from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress
 from utils.scores import likelihood_regret, mfsim_score, mse_score
 
@@ -110,7 +111,7 @@ class Scorer:
             raise UserError(f"the checkpoints carry different backbone weights "
                             f"({', '.join(f'{r}: {d}' for r, d in digests.items())}); they must come from one run")
         states = list(states.values())
-        extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, states[0] if states else None)
+        extractor = build_extractor(cfg, states[0] if states else None)
         diffusion = build_diffusion(cfg)
         models = {}
         for role, ck in ckpts.items():
@@ -186,11 +187,28 @@ class Scorer:
                 out[f"{role}_{t}"] = per_role[role][t]
         return out
 
-    def score_set(self, name: str, dataset: ImageSet, keep_features: bool = False) -> SetResult:
+    def fit_baselines(self) -> Optional[Baselines]:
+        """The config's baselines fitted on the ID training features (from the cache training wrote,
+        or extracted once); None if none are asked for."""
+        cfg = self.cfg
+        if not cfg.eval.baselines:
+            return None
+        train_set = random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
+                                                cfg.download), cfg.train.subset)
+        feats = self.set_features(train_set, split="train", desc="baselines: ID training features")
+        try:
+            return Baselines(feats.z, cfg.eval.baselines, cfg.eval.knn_k)
+        except ValueError as e:
+            raise UserError(f"baselines: {e}") from None
+
+    def score_set(self, name: str, dataset: ImageSet, keep_features: bool = False,
+                  baselines: Optional[Baselines] = None) -> SetResult:
         start = time.perf_counter()
         feats = self.set_features(dataset, desc=f"{name}: features")
         result = SetResult(name, dataset.name, len(dataset), features_from="cache" if feats.from_cache else "extracted")
         result.scores = self.scores(feats.z, feats.keys, desc=f"{name}: ", shared=True)
+        if baselines is not None:
+            result.scores.update(baselines.scores(feats.z))
         if keep_features:
             result.features = feats.z.cpu().numpy().astype(np.float32)
         result.seconds = time.perf_counter() - start
@@ -202,9 +220,10 @@ class Scorer:
         """Score the config's ID test set and OOD sets; metrics from the scores."""
         cfg, ctx = self.cfg, self.ctx
         id_set, ood_sets, missing = find_sets(cfg, skip_missing)
+        baselines = self.fit_baselines()
         sets: Dict[str, SetResult] = {}
         for name, ds in [(ID_NAME, id_set), *ood_sets.items()]:
-            sets[name] = self.score_set(name, ds, keep_features)
+            sets[name] = self.score_set(name, ds, keep_features, baselines)
             if ctx.is_main:
                 s = sets[name]
                 log.info("%s: %d images scored (%s features, %.0f images/s)", name, s.n, s.features_from,
@@ -212,7 +231,7 @@ class Scorer:
         for name in missing:
             sets[name] = SetResult(name, cfg.eval.ood[name])
         sets = {ID_NAME: sets[ID_NAME], **{n: sets[n] for n in cfg.eval.ood if n in sets}}
-        fields = self.fields()
+        fields = self.fields() + baseline_fields(cfg.eval.baselines, cfg.eval.knn_k)
         return EvalResult(fields[0], fields, sets, compute_metrics(sets, fields, cfg.eval.fpr95), self.meta())
 
     def meta(self) -> dict:
@@ -224,6 +243,7 @@ class Scorer:
             "subset_timesteps_num": cfg.diffusion.subset_timesteps_num, "eta": cfg.diffusion.eta,
             "indexing": cfg.diffusion.indexing, "mfsim_layers": cfg.eval.mfsim_layers, "fpr95": cfg.eval.fpr95,
             "seed": cfg.eval.seed, "device": str(ctx.device), "processes": ctx.world_size,
+            "groups": dict(cfg.eval.groups), "baselines": baseline_fields(cfg.eval.baselines, cfg.eval.knn_k),
             "precision": "fp16-autocast" if cfg.amp and ctx.cuda else "fp32",
         }
 

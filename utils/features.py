@@ -86,7 +86,7 @@ def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: 
 def standardized_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, amp: bool,
                           chunk: Optional[int] = None) -> torch.Tensor:
     """uint8 images (B, H, W[, 3]) -> standardised vectors (B, D) on the device (docs/METHOD.md §2)."""
-    return standardize(backbone_features(extractor, images, ctx, amp, chunk), extractor.indices)
+    return standardize(extractor.select(backbone_features(extractor, images, ctx, amp, chunk)), extractor.indices)
 
 
 def decode_batch_size(batch_size: int) -> int:
@@ -112,7 +112,7 @@ def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: Dist
     for images in progress(loader, desc, ctx.is_main, unit="batch"):
         out.append(backbone_features(extractor, images, ctx, amp, chunk=batch_size))  # (B, D)
         keys.append(image_keys(images))  # (B,)
-    local = torch.cat(out) if out else torch.empty(0, extractor.feature_dim, device=ctx.device)
+    local = torch.cat(out) if out else torch.empty(0, extractor.raw_dim, device=ctx.device)
     local_keys = torch.cat(keys) if keys else torch.empty(0, dtype=torch.int64)
     return (gather_interleaved(local, len(dataset), ctx, block=batch_size),
             gather_interleaved(local_keys, len(dataset), ctx, block=batch_size))
@@ -148,7 +148,7 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
     """
     key = cache_key(extractor, dataset, split, input_size, precision_tag(ctx, amp), batch_size)
     path = cache_path(cache_dir, key)
-    shape = (len(dataset), extractor.feature_dim)
+    shape = (len(dataset), extractor.raw_dim)
     stored = _read_valid(path, key, shape) if use_cache else None
     holders = ranks_holding(stored is not None, ctx)
     start = time.perf_counter()
@@ -170,7 +170,7 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
         if stored is None and not writes_first and ctx.local_rank == 0 and not os.path.isfile(path):
             _store(path, {"key": key, "features": raw.cpu(), "image_keys": keys})
         barrier(ctx)
-    z = standardize(raw.to(ctx.device), extractor.indices)  # (N, D)
+    z = standardize(extractor.select(raw.to(ctx.device)), extractor.indices)  # (N, D)
     return Features(z, keys, seconds, bool(holders))
 
 

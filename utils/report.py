@@ -32,6 +32,17 @@ def mean_row(rows: Dict[str, Optional[dict]]) -> Optional[dict]:
     return {k: float(np.mean([m[k] for m in present])) for k in METRICS}
 
 
+def summary_rows(rows: Dict[str, Optional[dict]], groups: Dict[str, str]) -> List[tuple]:
+    """[(label, metrics)]: "near mean" and "far mean" over each group's sets (when the run has groups),
+    then "mean" over every set; metrics None where a group has no set scored."""
+    out = []
+    for group in ("near", "far"):
+        members = {n: m for n, m in rows.items() if groups.get(n) == group}
+        if members:
+            out.append((f"{group} mean", mean_row(members)))
+    return out + [("mean", mean_row(rows))]
+
+
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
@@ -48,9 +59,14 @@ def format_markdown(result: EvalResult) -> str:
               f"FPR95 convention: {meta['fpr95']}; seed {meta['seed']}; {meta['device']} x{meta['processes']}, "
               f"{meta['precision']}.\n")
     out.write("All metrics in percent, OOD is the positive class; higher score = more OOD.\n")
+    if meta.get("groups"):
+        out.write("Groups: " + "; ".join(f"{g}: {', '.join(n for n, gg in meta['groups'].items() if gg == g)}"
+                                         for g in ("near", "far") if g in meta["groups"].values()) + ".\n")
     for f in result.fields:
         rows = result.metrics[f]
-        out.write(f"\n## {f}{'  (headline)' if f == result.headline else ''}\n\n")
+        tag = "  (headline)" if f == result.headline else \
+            "  (baseline on the same features, not DLSR)" if f in meta.get("baselines", []) else ""
+        out.write(f"\n## {f}{tag}\n\n")
         out.write("| OOD set | images | " + " | ".join(LABELS[m] for m in METRICS) + " |\n")
         out.write("|---|---:|" + "---:|" * len(METRICS) + "\n")
         for name, m in rows.items():
@@ -58,8 +74,8 @@ def format_markdown(result: EvalResult) -> str:
                 out.write(f"| {name} | missing | " + " | ".join("-" for _ in METRICS) + " |\n")
             else:
                 out.write(f"| {name} | {sets[name].n} | " + " | ".join(_pct(m[k]) for k in METRICS) + " |\n")
-        mean = mean_row(rows)
-        out.write("| **mean** | | " + " | ".join(_pct(mean[k] if mean else None) for k in METRICS) + " |\n")
+        for label, mean in summary_rows(rows, meta.get("groups", {})):
+            out.write(f"| **{label}** | | " + " | ".join(_pct(mean[k] if mean else None) for k in METRICS) + " |\n")
     out.write("\n## Throughput\n\n| set | images | features | images/s |\n|---|---:|---|---:|\n")
     for name, s in sets.items():
         ips = "-" if s.images_per_s is None else f"{s.images_per_s:.1f}"
@@ -74,7 +90,8 @@ def results_json(result: EvalResult) -> dict:
         "sets": {name: {"spec": s.spec, "images": s.n, "features": s.features_from,
                         "seconds": s.seconds, "images_per_s": s.images_per_s} for name, s in result.sets.items()},
         # Metrics as fractions in [0, 1] (the table shows them x100).
-        "metrics": {f: {**rows, "mean": mean_row(rows)} for f, rows in result.metrics.items()},
+        "metrics": {f: {**rows, **dict(summary_rows(rows, result.meta.get("groups", {})))}
+                    for f, rows in result.metrics.items()},
     }
 
 
@@ -83,7 +100,7 @@ def results_csv(result: EvalResult) -> str:
     w = csv.writer(buf)
     w.writerow(["score", "ood_set", "images", *METRICS])
     for f, rows in result.metrics.items():
-        for name, m in [*rows.items(), ("mean", mean_row(rows))]:
+        for name, m in [*rows.items(), *summary_rows(rows, result.meta.get("groups", {}))]:
             n = result.sets[name].n if name in result.sets else ""
             w.writerow([f, name, n, *(["missing"] * len(METRICS) if m is None else [f"{100 * m[k]:.6f}" for k in METRICS])])
     return buf.getvalue()

@@ -16,9 +16,9 @@ def mfsim_score(rec: torch.Tensor, orig: torch.Tensor, indices: Sequence[int], a
 
     Default (the release): the layer slices between consecutive ``indices``, i.e. every layer but
     the first, averaged over L - 1. ``all_layers=True`` (the paper's formula) averages all L slices.
-    A perfect reconstruction scores -1.
+    A perfect reconstruction scores -1. With a single layer both read the same: its cosine.
     """
-    bounds = [0, *indices] if all_layers else list(indices)
+    bounds = [0, *indices] if all_layers or len(indices) == 1 else list(indices)
     sims = [F.cosine_similarity(rec[..., lo:hi].float(), orig[..., lo:hi].float(), dim=-1)
             for lo, hi in zip(bounds[:-1], bounds[1:])]
     return -torch.stack(sims, dim=-1).mean(dim=-1)

@@ -39,7 +39,7 @@ from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, agree, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.features import autocast, image_loader, load_or_extract, standardized_features
-from utils.model_factory import build_diffusion, build_lfdn
+from utils.model_factory import build_diffusion, build_extractor, build_lfdn
 from utils.progress import progress
 from utils.rundir import cause, check_writable, folder_lock
 
@@ -187,7 +187,7 @@ class Trainer:
 
 def backbone_record(cfg: Config, extractor: MultiLayerFeatures) -> dict:
     return {"name": extractor.name, "identity": extractor.identity, "input_size": cfg.backbone.input_size,
-            "feature_dim": extractor.feature_dim, "indices": extractor.indices}
+            "feature_dim": extractor.feature_dim, "indices": extractor.indices, "layers": extractor.layers}
 
 
 def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
@@ -204,7 +204,7 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
                         f"use --pre_ckpt_path to start from a release checkpoint")
     if extractor is None:
         backbone_state = initial.backbone_state if initial is not None else None
-        extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, backbone_state)
+        extractor = build_extractor(cfg, backbone_state)
     extractor = extractor.to(ctx.device)
     diffusion = build_diffusion(cfg)
     for ck in (resumed, initial):

@@ -1,0 +1,68 @@
+"""Baseline OOD scores on the same standardised features as DLSR (higher = more OOD), fitted on the
+ID training features:
+
+- kNN (Sun et al., ICML 2022): the Euclidean distance of the L2-normalised vector to its k-th nearest
+  L2-normalised ID training vector.
+- Mahalanobis: the squared Mahalanobis distance to one Gaussian fitted on the ID training vectors,
+  with Ledoit-Wolf shrinkage of the covariance.
+
+Both work a chunk of test vectors at a time, so memory stays bounded (a chunk x N_train matrix of
+at most ~64 MB) however large the sets are.
+"""
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BASELINES = ("knn", "mahalanobis")
+CHUNK_ELEMENTS = 16 * 2 ** 20  # floats in one (chunk, N_train) similarity matrix
+
+
+def baseline_fields(names: Sequence[str], ks: Sequence[int]) -> list:
+    """Score field names of the chosen baselines: kNN_k1, kNN_k50, ..., Mahalanobis."""
+    fields = []
+    if "knn" in names:
+        fields += [f"kNN_k{k}" for k in ks]
+    if "mahalanobis" in names:
+        fields.append("Mahalanobis")
+    return fields
+
+
+class Baselines:
+    """Fitted once on the ID training features (N, D); ``scores(z)`` gives every baseline field for (M, D)."""
+
+    def __init__(self, train: torch.Tensor, names: Sequence[str], ks: Sequence[int]):
+        self.names, self.ks = list(names), list(ks)
+        if "knn" in self.names:
+            if max(self.ks) > len(train):
+                raise ValueError(f"kNN with k = {max(self.ks)} needs at least that many training features, "
+                                 f"got {len(train)}")
+            self.bank = F.normalize(train.float(), dim=1)  # (N, D)
+        if "mahalanobis" in self.names:
+            from sklearn.covariance import LedoitWolf
+            x = train.double().cpu().numpy()
+            fit = LedoitWolf().fit(x)
+            self.mean = torch.from_numpy(fit.location_).to(train.device)  # (D,)
+            self.precision = torch.from_numpy(fit.precision_).to(train.device)  # (D, D)
+
+    def scores(self, z: torch.Tensor) -> Dict[str, np.ndarray]:
+        out = {}
+        if "knn" in self.names:
+            out.update(self._knn(z))
+        if "mahalanobis" in self.names:
+            d = z.double() - self.mean  # (M, D)
+            out["Mahalanobis"] = ((d @ self.precision) * d).sum(dim=1).cpu().numpy()
+        return out
+
+    def _knn(self, z: torch.Tensor) -> Dict[str, np.ndarray]:
+        q = F.normalize(z.float(), dim=1)  # (M, D)
+        kmax, chunk = max(self.ks), max(1, CHUNK_ELEMENTS // len(self.bank))
+        kth = {k: [] for k in self.ks}
+        for i in range(0, len(q), chunk):
+            sims = q[i:i + chunk] @ self.bank.T  # (c, N) cosine similarities
+            top = sims.topk(kmax, dim=1).values  # (c, kmax), descending
+            for k in self.ks:
+                # unit vectors: |a - b|^2 = 2 - 2 cos(a, b)
+                kth[k].append((2 - 2 * top[:, k - 1].double()).clamp(min=0).sqrt())
+        return {f"kNN_k{k}": torch.cat(v).cpu().numpy() if v else np.zeros(0) for k, v in kth.items()}

@@ -18,7 +18,7 @@ from models.features import MultiLayerFeatures, standardize
 from utils.config import load_config
 from utils.distributed import DistContext
 from utils.evaluation import Scorer
-from utils.features import decode_batch_size, extract_features, image_loader
+from utils.features import compute_mode, decode_batch_size, extract_features, image_loader
 from utils.model_factory import build_diffusion, build_lfdn
 
 # config, image shape (CIFAR-10 / Fashion-MNIST), images per timed run, alternating pairs. On this
@@ -55,7 +55,7 @@ def main():
                     extractor(x)
 
         def extract():
-            return extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), cfg.amp, "bench")
+            return extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), compute_mode(cfg, ctx), "bench")
 
         scorer = Scorer(cfg, ctx, extractor, diffusion, {"end": model})
 

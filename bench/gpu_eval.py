@@ -21,7 +21,7 @@ from models.features import MultiLayerFeatures, standardize
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.evaluation import Scorer
-from utils.features import extract_features, image_loader
+from utils.features import compute_mode, extract_features, image_loader
 from utils.model_factory import build_diffusion, build_lfdn
 
 
@@ -81,14 +81,16 @@ def main():
     keys = torch.arange(n)
     for amp in (False, True):
         cfg.amp = amp
+        scorer.mode = compute_mode(cfg, ctx)
         t = timed(lambda: scorer.scores(z, keys), 3)
         rows.append((f"LFDN reconstruction + scores ({'fp16 autocast' if amp and cuda else 'fp32'}), images/s",
                      f"{n / t:.0f}"))
     for amp in (True, False):
         cfg.amp = amp
+        scorer.mode = compute_mode(cfg, ctx)
 
         def pipeline():
-            raw, image_keys = extract_features(f, images, ctx, b, workers, amp, "pipeline")
+            raw, image_keys = extract_features(f, images, ctx, b, workers, scorer.mode, "pipeline")
             scorer.scores(standardize(raw, f.indices), image_keys)
         t = timed(pipeline, 2)
         label = "fp16 autocast (default on CUDA)" if amp and cuda else "fp32"

@@ -101,6 +101,7 @@ class MultiLayerFeatures(nn.Module):
             self.weights_source = _load_weights(self.backbone, name, self.spec, weights)
         self.backbone.requires_grad_(False)
         self.eval()
+        self.channels_last = False  # set by the config's opt-in channels_last (see utils.model_factory)
         # Only the weights the taps use identify the features (a classifier head never touches them).
         used = self.used_keys()
         self.identity = f"{name}@{weights_digest({k: v for k, v in self.backbone.state_dict().items() if k in used})}"

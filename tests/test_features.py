@@ -140,7 +140,7 @@ def test_extraction_decodes_in_large_batches_but_runs_the_backbone_batch_by_batc
     # although the loader decoded all ten together.
     f = MultiLayerFeatures("efficientnet-lite0")
     images = ArrayImages("x", np.random.default_rng(2).integers(0, 256, (10, 28, 28), dtype=np.uint8), 32)
-    got, _ = extract_features(f, images, DistContext(0, 1, 0, torch.device("cpu")), 1, 0, False, "test")
+    got, _ = extract_features(f, images, DistContext(0, 1, 0, torch.device("cpu")), 1, 0, "fp32", "test")
     with torch.no_grad():
         x = f.normalize(torch.stack([images[i] for i in range(10)]))
         expected = torch.cat([f(x[i:i + 1]) for i in range(10)])

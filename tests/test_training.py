@@ -91,7 +91,7 @@ def test_feature_cache_is_keyed_by_backbone_weights(tiny, tmp_path):
     sd = {k: v.clone() for k, v in a.backbone.state_dict().items()}
     sd["_conv_stem.weight"] *= 1.5
     b = MultiLayerFeatures("efficientnet-lite0", state_dict=sd)
-    kw = dict(cache_dir=str(tmp_path / "cache"), input_size=32, batch_size=16, num_workers=0, amp=False)
+    kw = dict(cache_dir=str(tmp_path / "cache"), input_size=32, batch_size=16, num_workers=0, mode="fp32")
     fa = load_or_extract(a, ds, "train", CPU, **kw)
     fb = load_or_extract(b, ds, "train", CPU, **kw)
     again = load_or_extract(a, ds, "train", CPU, **kw)

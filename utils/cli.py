@@ -35,6 +35,9 @@ def add_common_flags(p: argparse.ArgumentParser, default_config: Optional[str] =
     p.add_argument("--backbone_weights", help="ImageNet weights file of the backbone")
     p.add_argument("--num_workers", type=int, help="image decoding worker processes")
     p.add_argument("--no_amp", action="store_true", help="no fp16 autocast on CUDA (fp32 throughout)")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="CPU arithmetic: fp32 (exact, default) or bf16 autocast (opt-in; CPUs with native bf16 only)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last convolutions (opt-in; other rounding)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --opt lfdn.num_res_blocks=8 (repeatable)")
 
@@ -57,6 +60,10 @@ def resolve_config(config: Union[str, Config], args: argparse.Namespace, flags: 
             override(cfg, key, value, source=f"--{flag}")
     if args.no_amp:
         cfg.amp = False
+    if getattr(args, "precision", None):
+        override(cfg, "precision", args.precision, source="--precision")
+    if getattr(args, "channels_last", False):
+        cfg.channels_last = True
     return cfg
 
 

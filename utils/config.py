@@ -94,6 +94,8 @@ class Config:
     cache_dir: Optional[str] = None     # None: <data_path>/feature_cache
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = True                    # fp16 autocast (and a grad scaler in training) on CUDA only
+    precision: str = "fp32"             # CPU: fp32 (exact, default) | bf16 (autocast, opt-in, native bf16 CPUs only)
+    channels_last: bool = False         # backbone convolutions in channels-last layout (opt-in; other rounding)
     download: bool = True               # let torchvision download missing sets where there is internet
     num_workers: Optional[int] = None   # image decoding workers per process; None: 0 on CPU, up to 8 on CUDA
     extract_batch_size: int = 64
@@ -120,6 +122,7 @@ class Config:
 
 
 CHOICES = {
+    "precision": ("fp32", "bf16"),
     "diffusion.indexing": ("release", "consistent"),
     "eval.similarity_type": ("MSE", "MFsim"),
     "eval.mfsim_layers": ("release", "all"),
@@ -177,8 +180,9 @@ def override(cfg: Config, key: str, value: Any, source: str = "command line") ->
 
 def validate(cfg: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if value not in allowed:
             raise UserError(f"{source}: {key} must be one of {', '.join(allowed)}, got {value!r}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

@@ -125,9 +125,9 @@ class DLSRDetector:
         batch = _as_uint8_batch(images, size)
         if extractor is None:
             return self._ready().image_features(batch)
-        from utils.features import image_keys, standardized_features
-        return standardized_features(extractor, batch, self.ctx, self.cfg.amp, self.cfg.extract_batch_size), \
-            image_keys(batch)
+        from utils.features import compute_mode, image_keys, standardized_features
+        return standardized_features(extractor, batch, self.ctx, compute_mode(self.cfg, self.ctx),
+                                     self.cfg.extract_batch_size), image_keys(batch)
 
 
 def _as_uint8_batch(images: Images, size: int) -> torch.Tensor:

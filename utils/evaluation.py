@@ -27,7 +27,8 @@ from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.errors import UserError
-from utils.features import Features, autocast, file_stem, image_keys, load_or_extract, standardized_features
+from utils.features import (Features, autocast, compute_mode, file_stem, image_keys, load_or_extract, precision_tag,
+                            standardized_features)
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress
@@ -93,6 +94,7 @@ class Scorer:
         self.cfg, self.ctx, self.extractor, self.diffusion = cfg, ctx, extractor, diffusion
         self.models = models
         self.checkpoints = checkpoints or {}
+        self.mode = compute_mode(cfg, ctx)  # fp32 | fp16-autocast | bf16-autocast
 
     @classmethod
     def from_checkpoints(cls, cfg: Config, ctx: DistContext, paths: Dict[str, Union[str, LoadedCheckpoint]],
@@ -136,11 +138,11 @@ class Scorer:
         cfg = self.cfg
         return load_or_extract(self.extractor, dataset, split, self.ctx, cache_dir=cfg.feature_cache_dir,
                                input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                               num_workers=cfg.workers(self.ctx.cuda), amp=cfg.amp, desc=desc)
+                               num_workers=cfg.workers(self.ctx.cuda), mode=self.mode, desc=desc)
 
     def image_features(self, images: torch.Tensor):
         """uint8 decoded images (B, S, S[, 3]) -> (standardised (B, D) on the device, image keys (B,))."""
-        z = standardized_features(self.extractor, images, self.ctx, self.cfg.amp, self.cfg.extract_batch_size)
+        z = standardized_features(self.extractor, images, self.ctx, self.mode, self.cfg.extract_batch_size)
         return z, image_keys(images)
 
     # ---------------------------------------------------------------- scores
@@ -163,7 +165,7 @@ class Scorer:
         for j in progress(batches, desc, ctx.is_main and bool(desc), unit="batch"):
             z0 = z[j * b:(j + 1) * b]  # (b, D)
             noise = image_noise(keys[j * b:(j + 1) * b], cfg.eval.seed, role, draws, z0.shape[1:])  # (draws, b, D)
-            with autocast(ctx, cfg.amp):
+            with autocast(ctx, self.mode):
                 rec = self.diffusion.reconstruct(self.models[role], z0, d.subset_timesteps_num, d.eta,
                                                  indexing=d.indexing, noise=noise)
             out[j * b:(j + 1) * b, 0] = mse_score(rec, z0).double()
@@ -244,7 +246,7 @@ class Scorer:
             "indexing": cfg.diffusion.indexing, "mfsim_layers": cfg.eval.mfsim_layers, "fpr95": cfg.eval.fpr95,
             "seed": cfg.eval.seed, "device": str(ctx.device), "processes": ctx.world_size,
             "groups": dict(cfg.eval.groups), "baselines": baseline_fields(cfg.eval.baselines, cfg.eval.knn_k),
-            "precision": "fp16-autocast" if cfg.amp and ctx.cuda else "fp32",
+            "precision": precision_tag(self.mode, self.extractor),
         }
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from datasets import ImageSet
 from models.features import MultiLayerFeatures, standardize
 from utils.atomic import atomic_torch_save
+from utils.config import Config
 from utils.distributed import DistContext, barrier, block_rows, broadcast_from, gather_interleaved, ranks_holding
 from utils.progress import progress
 from utils.rundir import cause
@@ -60,12 +62,46 @@ def digest64(a: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=8).digest(), "little", signed=True)
 
 
-def autocast(ctx: DistContext, amp: bool):
-    return torch.autocast("cuda", dtype=torch.float16, enabled=amp and ctx.cuda)
+MODES = ("fp32", "fp16-autocast", "bf16-autocast")
+_said_no_bf16 = []
 
 
-def precision_tag(ctx: DistContext, amp: bool) -> str:
-    return "fp16-autocast" if amp and ctx.cuda else "fp32"
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_mode(cfg: Config, ctx: DistContext) -> str:
+    """The arithmetic of the run: fp16 autocast on CUDA (``amp``, as the release), bf16 autocast on a
+    CPU with native bf16 when ``precision: bf16`` asks for it (an opt-in), fp32 otherwise."""
+    if ctx.cuda:
+        return "fp16-autocast" if cfg.amp else "fp32"
+    if cfg.precision == "bf16":
+        if native_bf16():
+            return "bf16-autocast"
+        if not _said_no_bf16:
+            _said_no_bf16.append(True)
+            log.warning("precision bf16 asked for, but this CPU has no native bf16 (avx512_bf16 / amx_bf16): "
+                        "going on in fp32")
+    return "fp32"
+
+
+def autocast(ctx: DistContext, mode: str):
+    if mode == "fp16-autocast":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if mode == "bf16-autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def precision_tag(mode: str, extractor: MultiLayerFeatures) -> str:
+    """What the features' arithmetic was: part of the cache key, so features of two modes never mix."""
+    return mode + ("+channels-last" if extractor.channels_last else "")
 
 
 def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, **kwargs) -> DataLoader:
@@ -74,19 +110,21 @@ def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, *
 
 
 @torch.no_grad()
-def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, amp: bool,
+def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, mode: str,
                       chunk: Optional[int] = None) -> torch.Tensor:
     """uint8 images (B, H, W[, 3]) -> raw pooled vectors (B, D) float32, the backbone run ``chunk`` at a time."""
     x = extractor.normalize(images.to(ctx.device, non_blocking=True))  # (B, 3, S, S)
     chunk = chunk or len(x)
-    with autocast(ctx, amp):
+    if extractor.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(ctx, mode):
         return torch.cat([extractor(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
 
 
-def standardized_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, amp: bool,
+def standardized_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, mode: str,
                           chunk: Optional[int] = None) -> torch.Tensor:
     """uint8 images (B, H, W[, 3]) -> standardised vectors (B, D) on the device (docs/METHOD.md §2)."""
-    return standardize(extractor.select(backbone_features(extractor, images, ctx, amp, chunk)), extractor.indices)
+    return standardize(extractor.select(backbone_features(extractor, images, ctx, mode, chunk)), extractor.indices)
 
 
 def decode_batch_size(batch_size: int) -> int:
@@ -98,7 +136,7 @@ def decode_batch_size(batch_size: int) -> int:
 
 @torch.no_grad()
 def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: DistContext, batch_size: int,
-                     num_workers: int, amp: bool, desc: str) -> torch.Tensor:
+                     num_workers: int, mode: str, desc: str) -> torch.Tensor:
     """Run the backbone over ``dataset`` -> raw (N, D) float32 and image keys (N,), on every rank,
     the features on ``ctx.device``.
 
@@ -110,7 +148,7 @@ def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: Dist
     out, keys = [], []
     loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers)
     for images in progress(loader, desc, ctx.is_main, unit="batch"):
-        out.append(backbone_features(extractor, images, ctx, amp, chunk=batch_size))  # (B, D)
+        out.append(backbone_features(extractor, images, ctx, mode, chunk=batch_size))  # (B, D)
         keys.append(image_keys(images))  # (B,)
     local = torch.cat(out) if out else torch.empty(0, extractor.raw_dim, device=ctx.device)
     local_keys = torch.cat(keys) if keys else torch.empty(0, dtype=torch.int64)
@@ -135,7 +173,7 @@ def cache_path(cache_dir: str, key: dict) -> str:
 
 
 def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, ctx: DistContext, *,
-                    cache_dir: str, input_size: int, batch_size: int, num_workers: int, amp: bool,
+                    cache_dir: str, input_size: int, batch_size: int, num_workers: int, mode: str,
                     use_cache: bool = True, desc: str = "features") -> Features:
     """Standardised features of ``dataset`` on the device, from the cache when its key matches, else
     extracted (and stored).
@@ -146,7 +184,7 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
     do, all ranks extract together. A rank that lacked the file and is its node's first process
     then stores it, unless an earlier writer already did (a shared filesystem).
     """
-    key = cache_key(extractor, dataset, split, input_size, precision_tag(ctx, amp), batch_size)
+    key = cache_key(extractor, dataset, split, input_size, precision_tag(mode, extractor), batch_size)
     path = cache_path(cache_dir, key)
     shape = (len(dataset), extractor.raw_dim)
     stored = _read_valid(path, key, shape) if use_cache else None
@@ -158,7 +196,7 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
         raw, keys = stored if stored is not None else (torch.empty(shape), torch.empty(shape[0], dtype=torch.int64))
         raw, keys = broadcast_from(raw, holders[0], ctx), broadcast_from(keys, holders[0], ctx).cpu()
     else:
-        raw, keys = extract_features(extractor, dataset, ctx, batch_size, num_workers, amp, desc)
+        raw, keys = extract_features(extractor, dataset, ctx, batch_size, num_workers, mode, desc)
         keys = keys.cpu()
     seconds = 0.0 if holders else time.perf_counter() - start
     if use_cache:

@@ -1,6 +1,8 @@
 """The LFDN and the diffusion schedule as a config describes them."""
 from typing import Optional
 
+import torch
+
 from models.diffusion import GaussianDiffusion
 from models.features import MultiLayerFeatures
 from models.lfdn import LFDN
@@ -16,7 +18,11 @@ def build_lfdn(cfg: Config, feature_dim: int) -> LFDN:
 
 def build_extractor(cfg: Config, state_dict: Optional[dict] = None) -> MultiLayerFeatures:
     """The frozen backbone of the config (weights from ``state_dict`` when given, e.g. a release checkpoint's)."""
-    return MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, state_dict, cfg.backbone.layers)
+    extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights, state_dict, cfg.backbone.layers)
+    if cfg.channels_last:
+        extractor.channels_last = True
+        extractor.to(memory_format=torch.channels_last)
+    return extractor
 
 
 def build_diffusion(cfg: Config) -> GaussianDiffusion:

@@ -91,7 +91,7 @@ def calibration_key(scorer: Scorer, spec: str, dataset, tpr: float) -> dict:
     cfg, d = scorer.cfg, scorer.cfg.diffusion
     return {"version": CALIBRATION_VERSION, "checkpoint": weights_digest(scorer.models["end"].state_dict()),
             "backbone": scorer.extractor.identity, "input_size": cfg.backbone.input_size,
-            "precision": precision_tag(scorer.ctx, cfg.amp), "set": spec, "set_identity": dataset.identity(),
+            "precision": precision_tag(scorer.mode, scorer.extractor), "set": spec, "set_identity": dataset.identity(),
             "k": d.subset_timesteps_num, "eta": d.eta, "indexing": d.indexing, "seed": cfg.eval.seed,
             "mfsim_layers": cfg.eval.mfsim_layers, "tpr": tpr}
 

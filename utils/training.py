@@ -38,7 +38,7 @@ from utils.checkpoint import (
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, agree, all_reduce_mean, barrier
 from utils.errors import UserError
-from utils.features import autocast, image_loader, load_or_extract, standardized_features
+from utils.features import autocast, compute_mode, image_loader, load_or_extract, standardized_features
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
 from utils.progress import progress
 from utils.rundir import cause, check_writable, folder_lock
@@ -105,7 +105,8 @@ class Trainer:
         loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=sampler, drop_last=True)
         for images in loader:
             # The backbone's batch is extract_batch_size, as in extraction: the same speed per image.
-            yield standardized_features(self.extractor, images, self.ctx, self.cfg.amp, self.cfg.extract_batch_size)
+            yield standardized_features(self.extractor, images, self.ctx, compute_mode(self.cfg, self.ctx),
+                                        self.cfg.extract_batch_size)
 
     @property
     def num_samples(self) -> int:
@@ -124,6 +125,7 @@ class Trainer:
             raise UserError(f"{self.num_samples} training images give no full batch of "
                             f"{cfg.train.batch_size} x {ctx.world_size} process(es); lower --batch_size")
         base, world, rank = base_lr(cfg, ctx.world_size), ctx.world_size, ctx.rank
+        mode = compute_mode(cfg, ctx)
         self.net.train()
         total, lr, start = torch.zeros((), device=ctx.device), 0.0, time.perf_counter()
         bar = progress(self.batches(epoch), f"epoch {epoch}", ctx.is_main, total=steps, unit="step", leave=False)
@@ -138,7 +140,7 @@ class Trainer:
             last_micro = (step + 1) % accum == 0 or step + 1 == steps
             sync = nullcontext() if last_micro or not ctx.distributed else self.net.no_sync()
             with sync:
-                with autocast(self.ctx, cfg.amp):
+                with autocast(self.ctx, mode):
                     loss = self.diffusion.training_loss(self.net, z0, t, eps)
                 global_loss = all_reduce_mean(loss.detach(), ctx)
                 if not torch.isfinite(global_loss):
@@ -234,7 +236,8 @@ def training_data(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures,
         return dataset, None
     feats = load_or_extract(extractor, dataset, "train", ctx, cache_dir=cfg.feature_cache_dir,
                             input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                            num_workers=cfg.workers(ctx.cuda), amp=cfg.amp, desc="extracting train features")
+                            num_workers=cfg.workers(ctx.cuda), mode=compute_mode(cfg, ctx),
+                            desc="extracting train features")
     if ctx.is_main:
         log.info("train features: %d x %d (%s)", *feats.z.shape,
                  "from cache" if feats.from_cache else f"extracted in {feats.seconds:.1f}s")

@@ -1,0 +1,64 @@
+"""The opt-in fast CPU path: bf16 autocast (native bf16 CPUs only) and channels-last convolutions."""
+import json
+import logging
+
+import torch
+
+from datasets import build_dataset
+from tests.helpers import run_inprocess
+from utils.config import load_config
+from utils.distributed import DistContext
+from utils.features import compute_mode, load_or_extract, precision_tag
+from utils.model_factory import build_extractor
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"))
+
+
+def test_bf16_is_used_only_on_a_cpu_with_native_bf16(tiny, monkeypatch, caplog):
+    import utils.features as features
+    cfg = load_config(tiny.write())
+    assert cfg.precision == "fp32" and compute_mode(cfg, CPU) == "fp32"  # the default stays exact
+    cfg.precision = "bf16"
+    monkeypatch.setattr(features, "native_bf16", lambda: True)
+    assert compute_mode(cfg, CPU) == "bf16-autocast"
+    monkeypatch.setattr(features, "native_bf16", lambda: False)
+    monkeypatch.setattr(features, "_said_no_bf16", [])
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        assert compute_mode(cfg, CPU) == "fp32"
+        assert compute_mode(cfg, CPU) == "fp32"
+    said = [r.message for r in caplog.records if "no native bf16" in r.message]
+    assert len(said) == 1 and "going on in fp32" in said[0]  # one line, once
+
+
+def test_features_of_other_arithmetic_never_share_a_cache_file(tiny, tmp_path):
+    cfg = load_config(tiny.write())
+    ds = build_dataset("noise:uniform:8", "test", str(tmp_path), 32)
+    kw = dict(cache_dir=str(tmp_path / "cache"), input_size=32, batch_size=8, num_workers=0)
+    plain = build_extractor(cfg)
+    cfg.channels_last = True
+    cl = build_extractor(cfg)
+    assert precision_tag("fp32", cl) == "fp32+channels-last" and precision_tag("bf16-autocast", plain) == "bf16-autocast"
+    runs = {"fp32": load_or_extract(plain, ds, "test", CPU, mode="fp32", **kw),
+            "bf16": load_or_extract(plain, ds, "test", CPU, mode="bf16-autocast", **kw),
+            "cl": load_or_extract(cl, ds, "test", CPU, mode="fp32", **kw)}
+    assert not any(r.from_cache for r in runs.values()) and len(list((tmp_path / "cache").iterdir())) == 3
+    assert load_or_extract(plain, ds, "test", CPU, mode="fp32", **kw).from_cache
+    diff_bf16 = (runs["bf16"].z - runs["fp32"].z).abs().max()
+    diff_cl = (runs["cl"].z - runs["fp32"].z).abs().max()
+    assert 0 < diff_bf16 < 1.0 and diff_cl < 1e-2  # bf16 rounds coarsely; channels-last at float level
+
+
+def test_precision_flags_reach_the_run(trained, tmp_path):
+    out = tmp_path / "o"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots", "--channels_last",
+                  "--precision", "bf16", "--dataset", "digits@3", "--ood", "g=noise:gaussian:20")
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    expected = "bf16-autocast" if compute_mode(_bf16(trained.config), CPU) == "bf16-autocast" else "fp32"
+    assert meta["precision"] == expected + "+channels-last"
+
+
+def _bf16(path):
+    cfg = load_config(path)
+    cfg.precision = "bf16"
+    return cfg

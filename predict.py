@@ -13,15 +13,13 @@ import logging
 import os
 
 from utils.checkpoint import load_checkpoint
-from utils.cli import add_common_flags, resolve_config, run_entry, setup_logging
+from utils.cli import SCORE_FLAGS, add_common_flags, add_score_flags, resolve_config, run_entry, setup_logging
 from utils.config import config_from_dict
 from utils.distributed import distributed_context
 from utils.errors import UserError
+from utils.scores import SCORE_TYPES
 
 log = logging.getLogger("dlsr")
-SCORE_FLAGS = {"seed": "eval.seed", "batch_size": "eval.batch_size", "mfsim_layers": "eval.mfsim_layers",
-               "subset_timesteps_num": "diffusion.subset_timesteps_num", "eta": "diffusion.eta",
-               "indexing": "diffusion.indexing"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,13 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration", metavar="SPEC", help="ID set the thresholds are calibrated on "
                    "(default: the config's eval.dataset)")
     p.add_argument("--tpr", type=float, default=0.95, help="fraction of calibration images accepted (default: %(default)s)")
-    p.add_argument("--score", choices=("MSE", "MFsim"), default="MFsim", help="score that decides is_ood (default: %(default)s)")
-    p.add_argument("--seed", type=int, help="noise seed (default: the config's eval.seed)")
-    p.add_argument("--batch_size", type=int, help="files decoded and reconstructed per step (default: eval.batch_size)")
-    p.add_argument("--subset_timesteps_num", type=int, help="noise level k (default: the config's)")
-    p.add_argument("--eta", type=float, help="DDIM eta (default: the config's)")
-    p.add_argument("--indexing", choices=("release", "consistent"), help="DDIM indexing (default: the config's)")
-    p.add_argument("--mfsim_layers", choices=("release", "all"), help="MFsim layers (default: the config's)")
+    p.add_argument("--score", choices=SCORE_TYPES, default="MFsim", help="score that decides is_ood (default: %(default)s)")
+    add_score_flags(p)
     return p.parse_args(argv)
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from utils.config import Config, load_config, override
+from utils.config import CHOICES, Config, load_config, override
 from utils.errors import UserError, one_line
 from utils.runtime import keep_freed_memory
 
@@ -28,14 +28,14 @@ def setup_logging(is_main: bool) -> None:
     log.propagate = False
 
 
-def add_common_flags(p: argparse.ArgumentParser, default_config: Optional[str] = "config/Config.yaml") -> None:
+def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_path", help="root of the datasets (default: the config's data_path, ./data)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--cache_dir", help="feature cache folder (default: <data_path>/feature_cache)")
     p.add_argument("--backbone_weights", help="ImageNet weights file of the backbone")
     p.add_argument("--num_workers", type=int, help="image decoding worker processes")
     p.add_argument("--no_amp", action="store_true", help="no fp16 autocast on CUDA (fp32 throughout)")
-    p.add_argument("--precision", choices=("fp32", "bf16"),
+    p.add_argument("--precision", choices=CHOICES["precision"],
                    help="CPU arithmetic: fp32 (exact, default) or bf16 autocast (opt-in; CPUs with native bf16 only)")
     p.add_argument("--channels_last", action="store_true", help="channels-last convolutions (opt-in; other rounding)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -80,12 +80,7 @@ def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Se
         sys.exit(130)
 
 
-EVAL_FLAGS = {
-    "similarity_type": "eval.similarity_type", "dataset": "eval.dataset", "batch_size": "eval.batch_size",
-    "seed": "eval.seed", "mfsim_layers": "eval.mfsim_layers", "fpr95": "eval.fpr95",
-    "subset_timesteps_num": "diffusion.subset_timesteps_num", "eta": "diffusion.eta",
-    "indexing": "diffusion.indexing",
-}
+EVAL_FLAGS = {"similarity_type": "eval.similarity_type", "dataset": "eval.dataset", "fpr95": "eval.fpr95"}
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -94,7 +89,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_common_flags(p)
     p.add_argument("--evaluate", action="store_true", help="accepted for compatibility with the release; "
                    "evaluating is what this script does")
-    p.add_argument("--similarity_type", choices=("MSE", "MFsim"), help="headline score (default: config, MFsim)")
+    p.add_argument("--similarity_type", choices=CHOICES["eval.similarity_type"],
+                   help="headline score (default: the config's eval.similarity_type)")
     p.add_argument("--dataset", help="ID test set spec (default: config eval.dataset)")
     p.add_argument("--ood", action="append", default=[], metavar="NAME=SPEC",
                    help="OOD set, repeatable; replaces the config's list, e.g. --ood SVHN=svhn --ood Tex=folder:dtd/images")
@@ -102,13 +98,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", help="where results go (default: results-<name> beside the checkpoint)")
     p.add_argument("--save_features", action="store_true", help="also save features/NAME.npy (standardised vectors)")
     p.add_argument("--no_plots", action="store_true", help="skip the ROC and histogram PNGs")
-    p.add_argument("--subset_timesteps_num", type=int, help="noise level k = number of DDIM steps (default 3)")
-    p.add_argument("--eta", type=float, help="DDIM eta (default 1.0)")
-    p.add_argument("--indexing", choices=("release", "consistent"), help="DDIM indexing (default: release)")
-    p.add_argument("--batch_size", type=int, help="reconstruction batch (default 64)")
-    p.add_argument("--seed", type=int, help="noise seed (default 0)")
-    p.add_argument("--mfsim_layers", choices=("release", "all"), help="release: skip layer 0 (default); all: paper")
-    p.add_argument("--fpr95", choices=("release", "ood_positive"), help="FPR95 convention (default: release)")
+    add_score_flags(p)
+    p.add_argument("--fpr95", choices=CHOICES["eval.fpr95"], help="FPR95 convention (default: the config's eval.fpr95)")
     p.add_argument("--group", action="append", default=[], metavar="NAME=near|far",
                    help="put an OOD set in the near or far group (repeatable; adds near/far mean rows)")
     p.add_argument("--baselines", metavar="LIST", help="also score every set with baselines on the same features: "
@@ -116,8 +107,26 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knn_k", metavar="LIST", help="kNN's k values, e.g. 1,50 (default: the config's eval.knn_k)")
 
 
+SCORE_FLAGS = {"seed": "eval.seed", "batch_size": "eval.batch_size", "mfsim_layers": "eval.mfsim_layers",
+               "subset_timesteps_num": "diffusion.subset_timesteps_num", "eta": "diffusion.eta",
+               "indexing": "diffusion.indexing"}
+
+
+def add_score_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that set how images are scored (evaluation and predict.py); defaults come from the config."""
+    p.add_argument("--subset_timesteps_num", type=int, help="noise level k = number of DDIM steps "
+                   "(default: the config's diffusion.subset_timesteps_num)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the config's diffusion.eta)")
+    p.add_argument("--indexing", choices=CHOICES["diffusion.indexing"], help="DDIM indexing (default: the config's)")
+    p.add_argument("--batch_size", type=int, help="vectors per reconstruction batch, a speed setting "
+                   "(default: the config's eval.batch_size)")
+    p.add_argument("--seed", type=int, help="noise seed (default: the config's eval.seed)")
+    p.add_argument("--mfsim_layers", choices=CHOICES["eval.mfsim_layers"],
+                   help="release: skip layer 0; all: the paper's formula (default: the config's)")
+
+
 def eval_config(args: argparse.Namespace) -> Config:
-    cfg = resolve_config(args.pretrained_ldm_cfg, args, EVAL_FLAGS)
+    cfg = resolve_config(args.pretrained_ldm_cfg, args, {**EVAL_FLAGS, **SCORE_FLAGS})
     if args.ood:
         ood = {}
         for item in args.ood:

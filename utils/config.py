@@ -9,7 +9,10 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from models.diffusion import INDEXING
 from utils.errors import UserError
+from utils.metrics import FPR95_CONVENTIONS
+from utils.scores import SCORE_TYPES
 
 
 @dataclass
@@ -121,12 +124,14 @@ class Config:
         return min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
 
 
+# The one table of allowed values: the flags take their choices from here, and the modules that
+# implement each choice own its tuple.
 CHOICES = {
     "precision": ("fp32", "bf16"),
-    "diffusion.indexing": ("release", "consistent"),
-    "eval.similarity_type": ("MSE", "MFsim"),
+    "diffusion.indexing": INDEXING,
+    "eval.similarity_type": SCORE_TYPES,
     "eval.mfsim_layers": ("release", "all"),
-    "eval.fpr95": ("release", "ood_positive"),
+    "eval.fpr95": FPR95_CONVENTIONS,
 }
 
 

@@ -32,11 +32,10 @@ from utils.features import (Features, autocast, compute_mode, file_stem, image_k
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress
-from utils.scores import likelihood_regret, mfsim_score, mse_score
+from utils.scores import SCORE_TYPES, likelihood_regret, mfsim_score, mse_score
 
 log = logging.getLogger("dlsr")
 ID_NAME = "ID"
-SCORE_TYPES = ("MSE", "MFsim")
 
 
 @dataclass

@@ -10,7 +10,6 @@ FPR95 comes in two conventions:
 from typing import Dict
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 FPR95_CONVENTIONS = ("release", "ood_positive")
 
@@ -30,6 +29,8 @@ def fpr_at_95(id_scores, ood_scores, convention: str = "release") -> float:
         threshold = np.percentile(id_s, 95)
         return float(np.mean(ood_s < threshold))
     if convention == "ood_positive":
+        from sklearn.metrics import roc_curve  # imported here: scikit-learn takes ~2 s to import
+
         labels = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
         fpr, tpr, _ = roc_curve(labels, np.r_[id_s, ood_s])
         return float(fpr[np.argmax(tpr >= 0.95)])
@@ -38,6 +39,8 @@ def fpr_at_95(id_scores, ood_scores, convention: str = "release") -> float:
 
 def ood_metrics(id_scores, ood_scores, fpr95: str = "release") -> Dict[str, float]:
     """AUROC, FPR95, AUPR-In (ID positive), AUPR-Out (OOD positive), each in [0, 1]."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     id_s, ood_s = _check("ID", id_scores), _check("OOD", ood_scores)
     labels = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
     scores = np.r_[id_s, ood_s]

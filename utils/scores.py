@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+SCORE_TYPES = ("MSE", "MFsim")
+
 
 def mse_score(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
     """Sum over all dims of (rec - orig)^2. (B, D), (B, D) -> (B,); higher = more OOD."""

@@ -12,9 +12,8 @@ import json
 import logging
 import os
 
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import config_of, load_checkpoint
 from utils.cli import SCORE_FLAGS, add_common_flags, add_score_flags, resolve_config, run_entry, setup_logging
-from utils.config import config_from_dict
 from utils.distributed import distributed_context
 from utils.errors import UserError
 from utils.scores import SCORE_TYPES
@@ -46,14 +45,9 @@ def main(argv=None) -> None:
     if not 0 < args.tpr < 1:
         raise UserError(f"--tpr must be between 0 and 1 (exclusive), got {args.tpr}")
     ckpt = load_checkpoint(args.checkpoint)
-    if args.config:
-        base, source = args.config, args.config
-    elif ckpt.config is not None:
-        base, source = config_from_dict(ckpt.config, source=f"{args.checkpoint} (its stored config)"), args.checkpoint
-    else:
-        raise UserError(f"{args.checkpoint} stores no config (an authors' release file?): pass --config, "
-                        f"e.g. --config config/Config.yaml")
-    cfg = resolve_config(base, args, SCORE_FLAGS)
+    cfg = resolve_config(config_of(ckpt, args.config, "--config config/Config.yaml (or the config it was trained with)"),
+                         args, SCORE_FLAGS)
+    source = args.config or args.checkpoint
     files = collect_files(args.images)
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)

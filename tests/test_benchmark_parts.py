@@ -111,10 +111,10 @@ def test_knn_needs_k_training_features():
 
 def test_baselines_and_groups_in_an_evaluation(trained, tmp_path):
     out = tmp_path / "b"
-    proc = run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
-                         "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots",
-                         "--baselines", "knn,mahalanobis", "--knn_k", "1,7", "--ood", "three=digits@3",
-                         "--ood", "gauss=noise:gaussian:200", "--group", "three=near", "--group", "gauss=far")
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots",
+                  "--baselines", "knn,mahalanobis", "--knn_k", "1,7", "--ood", "three=digits@3",
+                  "--ood", "gauss=noise:gaussian:200", "--group", "three=near", "--group", "gauss=far")
     md = (out / "results.md").read_text()
     assert "## kNN_k7  (baseline on the same features, not DLSR)" in md and "## Mahalanobis  (baseline" in md
     assert "| **near mean** |" in md and "| **far mean** |" in md

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from datasets import build_dataset
-from tests.helpers import ROOT, run_inprocess
+from tests.helpers import run_inprocess
 from utils.atomic import atomic_torch_save
 from utils.checkpoint import load_checkpoint, weights_checksum
 from utils.errors import UserError

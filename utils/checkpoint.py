@@ -144,6 +144,17 @@ def _from_release(path: str, obj: dict) -> LoadedCheckpoint:
                             backbone_state=backbone or None, alphas_cumprod=sd.get("alphas_cumprod"))
 
 
+def config_of(ckpt: LoadedCheckpoint, given, hint: str):
+    """``given`` (a YAML path or a Config) when there is one, else the config stored in our checkpoint.
+    The authors' files store none: then the error says to pass one (``hint``, e.g. "--config config/Config.yaml")."""
+    if given is not None:
+        return given
+    if ckpt.config is None:
+        raise UserError(f"{ckpt.path} stores no config (an authors' release file?): pass {hint}")
+    from utils.config import config_from_dict
+    return config_from_dict(ckpt.config, source=f"{ckpt.path} (its stored config)")
+
+
 def check_against(ckpt: LoadedCheckpoint, backbone_name: str, input_size: int, feature_dim: int,
                   backbone_identity: str, diffusion: GaussianDiffusion, config_source: str) -> None:
     """Refuse a checkpoint whose features or schedule differ from what this run will use."""

@@ -163,16 +163,14 @@ def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], defaul
     from utils.evaluation import Scorer
     from utils.report import format_markdown, write_outputs
 
-    from utils.distributed import agree
+    from utils.distributed import stop_unless_main_agrees
     from utils.report import check_output_dir, output_lock
 
     cfg = eval_config(args)
     out = args.output_dir or default_output_dir
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)
-        problem = check_output_dir(out, cfg.feature_cache_dir) if ctx.is_main else None
-        if not agree(problem is None, ctx):
-            raise UserError(problem or "rank 0 refused the output folder (see its error)")
+        stop_unless_main_agrees(lambda: check_output_dir(out, cfg.feature_cache_dir), ctx)
         with output_lock(out) if ctx.is_main else nullcontext():
             scorer = Scorer.from_checkpoints(cfg, ctx, checkpoints, args.pretrained_ldm_cfg)
             result = scorer.evaluate(args.skip_missing, args.save_features)

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 
 from datasets.images import resize_batch, to_rgb_resized
-from utils.checkpoint import load_checkpoint
-from utils.config import Config, config_from_dict, load_config
+from utils.checkpoint import config_of, load_checkpoint
+from utils.config import Config, load_config
 from utils.distributed import DistContext, resolve_device
-from utils.errors import UserError
 from utils.evaluation import SCORE_TYPES, Scorer
 from utils.features import digest64
 from utils.prediction import thresholds_at
@@ -48,12 +47,8 @@ class DLSRDetector:
                         score: str = "MFsim") -> "DLSRDetector":
         """A trained detector from a checkpoint of ours (its stored config is used) or of the authors' (give ``config``)."""
         ckpt = load_checkpoint(path)
-        if config is None:
-            if ckpt.config is None:
-                raise UserError(f"{path} stores no config (an authors' release file?): pass config=, "
-                                f"e.g. 'config/Config.yaml'")
-            config = config_from_dict(ckpt.config, source=f"{path} (its stored config)")
-        det = cls(config, device, score)
+        det = cls(config_of(ckpt, config, "config='config/Config.yaml' (or the config it was trained with)"),
+                  device, score)
         det.scorer = Scorer.from_checkpoints(det.cfg, det.ctx, {"end": ckpt}, path)
         return det
 
@@ -125,9 +120,9 @@ class DLSRDetector:
         batch = _as_uint8_batch(images, size)
         if extractor is None:
             return self._ready().image_features(batch)
-        from utils.features import compute_mode, image_keys, standardized_features
-        return standardized_features(extractor, batch, self.ctx, compute_mode(self.cfg, self.ctx),
-                                     self.cfg.extract_batch_size), image_keys(batch)
+        from utils.features import compute_mode, image_batch_features
+        return image_batch_features(extractor, batch, self.ctx, compute_mode(self.cfg, self.ctx),
+                                    self.cfg.extract_batch_size)
 
 
 def _as_uint8_batch(images: Images, size: int) -> torch.Tensor:

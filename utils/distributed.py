@@ -6,6 +6,7 @@
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -120,3 +121,10 @@ def broadcast_from(t: torch.Tensor, src: int, ctx: DistContext) -> torch.Tensor:
 def agree(ok: bool, ctx: DistContext) -> bool:
     """True on every rank if ``ok`` is true on every rank (a check one rank makes, all ranks act on)."""
     return len(ranks_holding(not ok, ctx)) == 0
+
+
+def stop_unless_main_agrees(check: Callable[[], Optional[str]], ctx: DistContext) -> None:
+    """Run ``check`` on rank 0; if it returns a problem, every rank stops (rank 0 with its message)."""
+    problem = check() if ctx.is_main else None
+    if not agree(problem is None, ctx):
+        raise UserError(problem or "rank 0 refused to go on (see its error)")

@@ -27,8 +27,8 @@ from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
 from utils.errors import UserError
-from utils.features import (Features, autocast, compute_mode, file_stem, image_keys, load_or_extract, precision_tag,
-                            standardized_features)
+from utils.features import (Features, autocast, compute_mode, file_stem, image_batch_features, load_or_extract,
+                            precision_tag)
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress
@@ -141,8 +141,7 @@ class Scorer:
 
     def image_features(self, images: torch.Tensor):
         """uint8 decoded images (B, S, S[, 3]) -> (standardised (B, D) on the device, image keys (B,))."""
-        z = standardized_features(self.extractor, images, self.ctx, self.mode, self.cfg.extract_batch_size)
-        return z, image_keys(images)
+        return image_batch_features(self.extractor, images, self.ctx, self.mode, self.cfg.extract_batch_size)
 
     # ---------------------------------------------------------------- scores
 

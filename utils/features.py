@@ -7,6 +7,7 @@ on, and a stored file whose key differs is never used. Along with each vector go
 digest of the decoded image (``image_keys``): the image's identity, from which its test-time
 noise is seeded.
 """
+import functools
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ MODES = ("fp32", "fp16-autocast", "bf16-autocast")
 _said_no_bf16 = []
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
     try:
@@ -125,6 +127,12 @@ def standardized_features(extractor: MultiLayerFeatures, images: torch.Tensor, c
                           chunk: Optional[int] = None) -> torch.Tensor:
     """uint8 images (B, H, W[, 3]) -> standardised vectors (B, D) on the device (docs/METHOD.md §2)."""
     return standardize(extractor.select(backbone_features(extractor, images, ctx, mode, chunk)), extractor.indices)
+
+
+def image_batch_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, mode: str,
+                         chunk: Optional[int] = None):
+    """uint8 decoded images (B, S, S[, 3]) -> (standardised (B, D) on the device, image keys (B,))."""
+    return standardized_features(extractor, images, ctx, mode, chunk), image_keys(images)
 
 
 def decode_batch_size(batch_size: int) -> int:

@@ -36,7 +36,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.config import Config, config_to_dict, save_config
-from utils.distributed import DistContext, agree, all_reduce_mean, barrier
+from utils.distributed import DistContext, all_reduce_mean, barrier, stop_unless_main_agrees
 from utils.errors import UserError
 from utils.features import autocast, compute_mode, image_loader, load_or_extract, standardized_features
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
@@ -285,9 +285,7 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
           overwrite: bool = False) -> Trainer:
     """The whole run: check and lock the output folder, build, then epochs from ``start_epoch``;
     returns the trainer at the end."""
-    problem = _output_problem(cfg, resume, overwrite) if ctx.is_main else None
-    if not agree(problem is None, ctx):
-        raise UserError(problem or "rank 0 refused the output folder (see its error)")
+    stop_unless_main_agrees(lambda: _output_problem(cfg, resume, overwrite), ctx)
     with folder_lock(os.path.join(cfg.output_dir, ".lock"), f"output folder {cfg.output_dir!r}") \
             if ctx.is_main else nullcontext():
         if ctx.is_main and overwrite and resume is None:

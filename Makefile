@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo_output
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo fashion-mnist bench benchmark clean
+.PHONY: install test demo fashion-mnist bench benchmark flags clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: install fashion-mnist
 	$(PY) test_LR.py --pretrained_ldm_cfg config/demo.yaml \
 		--pretrained_ldm_ckpt_first $(DEMO)/checkpoint/checkpoint-0.pth \
 		--pretrained_ldm_ckpt_end $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-LR
+
+# The README's flag tables, rewritten from the scripts' parsers (a test checks they are current).
+flags: install
+	$(PY) -m utils.flag_docs
 
 benchmark: install fashion-mnist
 	$(PY) bench/benchmark.py

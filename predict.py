@@ -12,41 +12,62 @@ import json
 import logging
 import os
 
-from utils.checkpoint import config_of, load_checkpoint
-from utils.cli import SCORE_FLAGS, add_common_flags, add_score_flags, resolve_config, run_entry, setup_logging
+from errors import UserError
+from utils.atomic import atomic_write_text
+from utils.checkpoint import config_of, load_checkpoint, stored_config
+from utils.cli import (SCORE_FLAGS, add_common_flags, add_config_flags, flag_values, parse_with_config,
+                       resolve_config, run_entry, setup_logging, yaml_in_use)
+from utils.config import DEFAULT_CONFIG, Config, config_from_dict
 from utils.distributed import distributed_context
-from utils.errors import UserError
+from utils.evaluation import Scorer
+from utils.prediction import DEFAULT_TPR, calibrate, collect_files, predict_files
 from utils.scores import SCORE_TYPES
 
 log = logging.getLogger("dlsr")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score image files with a DLSR checkpoint; write per-file OOD verdicts.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of ours, or the authors' (then give --config)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint of ours, or the authors' (then give --config)")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="image files, folders (searched recursively) or @list.txt (one path per line)")
-    p.add_argument("--output", default="predictions.csv", help="the CSV (default: %(default)s); a .json goes beside it")
-    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+    p.add_argument("--output", default="predictions.csv", metavar="FILE", help="the CSV (default: %(default)s); a .json goes beside it")
+    p.add_argument("--config", metavar="FILE", help="config to use instead of the one stored in the checkpoint")
     add_common_flags(p)
     p.add_argument("--calibration", metavar="SPEC", help="ID set the thresholds are calibrated on "
                    "(default: the config's eval.dataset)")
-    p.add_argument("--tpr", type=float, default=0.95, help="fraction of calibration images accepted (default: %(default)s)")
-    p.add_argument("--score", choices=SCORE_TYPES, default="MFsim", help="score that decides is_ood (default: %(default)s)")
-    add_score_flags(p)
-    return p.parse_args(argv)
+    p.add_argument("--tpr", type=float, default=DEFAULT_TPR, metavar="FRACTION",
+                   help="fraction of calibration images accepted (default: %(default)s)")
+    p.add_argument("--score", choices=SCORE_TYPES, help="score that decides is_ood (default: the config's "
+                   "eval.similarity_type)")
+    add_config_flags(p, SCORE_FLAGS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """--help shows the values of the config in use: --config, else the one stored in --checkpoint."""
+    return parse_with_config(build_parser(), argv, config_in_use)
+
+
+def config_in_use(argv):
+    """(the config this run will use, where it comes from): --config, else the checkpoint's own."""
+    given = flag_values(argv, config=None, checkpoint=None)
+    if given.config:
+        return yaml_in_use(given.config)
+    try:
+        return config_from_dict(stored_config(given.checkpoint), source=given.checkpoint), given.checkpoint
+    except UserError:  # no --checkpoint, or one without a config: the run says what is wrong
+        return Config(), "built-in"
 
 
 def main(argv=None) -> None:
-    from utils.evaluation import Scorer
-    from utils.prediction import calibrate, collect_files, predict_files
-
     args = parse_args(argv)
     if not 0 < args.tpr < 1:
         raise UserError(f"--tpr must be between 0 and 1 (exclusive), got {args.tpr}")
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = resolve_config(config_of(ckpt, args.config, "--config config/Config.yaml (or the config it was trained with)"),
+    cfg = resolve_config(config_of(ckpt, args.config, f"--config {DEFAULT_CONFIG} (or the config it was trained with)"),
                          args, SCORE_FLAGS)
+    score = args.score or cfg.eval.similarity_type
     source = args.config or args.checkpoint
     files = collect_files(args.images)
     with distributed_context(cfg.device) as ctx:
@@ -57,17 +78,16 @@ def main(argv=None) -> None:
             log.info("calibration (%s): %s on %d images of %s", calibration["from"],
                      ", ".join(f"{t} <= {v:.6g}" for t, v in calibration["thresholds"].items()),
                      calibration["images"], calibration["set"])
-        counts = predict_files(scorer, files, calibration["thresholds"], args.score, args.output)
+        counts = predict_files(scorer, files, calibration["thresholds"], score, args.output)
         if ctx.is_main:
-            summary = {"checkpoint": args.checkpoint, "score": args.score, "tpr": args.tpr,
+            summary = {"checkpoint": args.checkpoint, "score": score, "tpr": args.tpr,
                        "thresholds": calibration["thresholds"],
                        "calibration": {"set": calibration["set"], "images": calibration["images"]},
                        "settings": {k: v for k, v in scorer.meta().items() if k not in ("checkpoints", "fpr95")},
                        "counts": counts, "csv": args.output}
-            from utils.atomic import atomic_write_text
             atomic_write_text(os.path.splitext(args.output)[0] + ".json", json.dumps(summary, indent=2))
             print(f"{counts['scored']} scored, {counts['flagged']} flagged OOD, {counts['unreadable']} unreadable "
-                  f"({args.score} > {calibration['thresholds'][args.score]:.6g}: {args.tpr:g} of "
+                  f"({score} > {calibration['thresholds'][score]:.6g}: {args.tpr:g} of "
                   f"{calibration['images']} {calibration['set']} images accepted) -> {args.output}")
 
 

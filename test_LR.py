@@ -10,17 +10,21 @@ as for every score here; an AUROC below 50 means the score points the other way 
 import argparse
 import os
 
-from utils.cli import add_eval_flags, run_entry, run_evaluation
+from utils.cli import add_eval_flags, parse_with_config, run_entry, run_evaluation, yaml_named_by
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="DLSR OOD evaluation with LR (first vs end checkpoint).")
+    p.add_argument("--pretrained_ldm_ckpt_first", default="./checkpoint/checkpoint-0.pth", metavar="FILE",
+                   help="the early checkpoint (default: %(default)s)")
+    p.add_argument("--pretrained_ldm_ckpt_end", default="./checkpoint/checkpoint-last.pth", metavar="FILE",
+                   help="the final checkpoint (default: %(default)s)")
+    add_eval_flags(p)
+    return p
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="DLSR OOD evaluation with LR (first vs end checkpoint).")
-    p.add_argument("--pretrained_ldm_ckpt_first", default="./checkpoint/checkpoint-0.pth",
-                   help="the early checkpoint (default: %(default)s)")
-    p.add_argument("--pretrained_ldm_ckpt_end", default="./checkpoint/checkpoint-last.pth",
-                   help="the final checkpoint (default: %(default)s)")
-    add_eval_flags(p)
-    args = p.parse_args(argv)
+    args = parse_with_config(build_parser(), argv, yaml_named_by("pretrained_ldm_cfg"))
     end = args.pretrained_ldm_ckpt_end
     run_evaluation(args, {"first": args.pretrained_ldm_ckpt_first, "end": end},
                    os.path.join(os.path.dirname(end) or ".", "results-LR"))

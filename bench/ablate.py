@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import ROOT, record
+from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record
 
 # name: (training options, evaluation options). Every run starts from BASE_TRAIN: the config with
 # 10 epochs, as it was when these ablations chose its 20 (the "20 epochs" row is config/fmnist_split.yaml).
@@ -44,9 +44,9 @@ def run(script: str, *args: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="config/fmnist_split.yaml")
+    p.add_argument("--config", default=SPLIT_CONFIG)
     p.add_argument("--out", default="ablation_output")
-    p.add_argument("--cache_dir", default="benchmark_output/feature_cache")
+    p.add_argument("--cache_dir", default=os.path.join(BENCHMARK_OUT, "feature_cache"))
     args = p.parse_args()
     out, start = os.path.join(ROOT, args.out), time.perf_counter()
     trained = {}  # training options -> checkpoint folder, so evaluation-only variants share a run

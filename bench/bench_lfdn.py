@@ -12,24 +12,27 @@ from common import paired, record, timed
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
 from models.lfdn import LFDN
+from utils.config import Config
 
 
 def main():
+    release = Config().train  # the release's hyperparameters (config/Config.yaml)
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=256, help="release batch per process: 256")
+    p.add_argument("--batch", type=int, default=release.batch_size, help="batch per process (default: the "
+                   "release's, %(default)s)")
     p.add_argument("--steps", type=int, default=4)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = LFDN().to(device)
     ema = EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=release.lr, weight_decay=release.weight_decay)
     diffusion = GaussianDiffusion()
     b = args.batch
     z0 = torch.randn(b, 720, device=device)
 
     def train_steps():
         for _ in range(args.steps):
-            t = torch.randint(0, 100, (b,), device=device)
+            t = torch.randint(0, diffusion.timesteps, (b,), device=device)
             loss = diffusion.training_loss(model, z0, t, torch.randn_like(z0))
             loss.backward()
             opt.step()

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import torch
-from common import ROOT, paired, record
+from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, paired, record
 
 from models.features import MultiLayerFeatures, standardize
 from utils.features import native_bf16
@@ -69,9 +69,9 @@ def speed_rows(name: str, size: int, batch: int, repeats: int) -> list:
 def auroc_rows(config: str, ckpt: str) -> list:
     """AUROC of each setting minus fp32's, per set and score, on the benchmark split."""
     def evaluate(tag: str, *flags: str) -> dict:
-        out = os.path.join(ROOT, "benchmark_output", f"precision-{tag}")
+        out = os.path.join(BENCHMARK_OUT, f"precision-{tag}")
         cmd = [sys.executable, os.path.join(ROOT, "test_mse_mfsim.py"), "--pretrained_ldm_ckpt", ckpt,
-               "--pretrained_ldm_cfg", config, "--cache_dir", os.path.join(ROOT, "benchmark_output", "feature_cache"),
+               "--pretrained_ldm_cfg", config, "--cache_dir", os.path.join(BENCHMARK_OUT, "feature_cache"),
                "--output_dir", out, "--no_plots", *flags]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -98,9 +98,9 @@ def main() -> None:
     rows = [("native bf16 on this CPU", "yes" if native_bf16() else "no (bf16 not measured: emulated, never used)")]
     rows += speed_rows("efficientnet-b4", 224, 8, args.repeats)
     rows += speed_rows("efficientnet-lite0", 64, 128, args.repeats)
-    ckpt = os.path.join(ROOT, "benchmark_output", "seed-0", "checkpoint", "checkpoint-last.pth")
+    ckpt = os.path.join(BENCHMARK_OUT, "seed-0", "checkpoint", "checkpoint-last.pth")
     if not args.no_auroc and os.path.isfile(ckpt):
-        rows += auroc_rows("config/fmnist_split.yaml", ckpt)
+        rows += auroc_rows(SPLIT_CONFIG, ckpt)
     record("Fast CPU path vs exact fp32 (bench/bench_precision.py)", rows, "device cpu")
 
 

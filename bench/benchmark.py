@@ -18,7 +18,7 @@ import sys
 import time
 
 import numpy as np
-from common import ROOT, record
+from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record
 
 ROWS_ORDER = ("near mean", "far mean", "mean")
 METRICS = ("AUROC", "FPR95")
@@ -65,9 +65,9 @@ def markdown(table: dict, fields: list, baselines: list, seeds: list) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="config/fmnist_split.yaml")
+    p.add_argument("--config", default=SPLIT_CONFIG)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="benchmark_output")
+    p.add_argument("--out", default=BENCHMARK_OUT)
     args = p.parse_args()
     out = os.path.join(ROOT, args.out)
     cache = os.path.join(out, "feature_cache")

@@ -17,6 +17,8 @@ from utils.runtime import keep_freed_memory  # noqa: E402  (the scripts measure 
 
 keep_freed_memory()
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
+SPLIT_CONFIG = "config/fmnist_split.yaml"            # the offline near/far benchmark (make benchmark)
+BENCHMARK_OUT = os.path.join(ROOT, "benchmark_output")  # its runs, and the feature cache the others reuse
 
 
 def machine() -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError
+from errors import UserError
 
 
 def resized(img: Image.Image, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 
 from datasets.images import ArrayImages, FolderImages, ImageSet, PILImages, SubsetImages
-from utils.errors import UserError
+from errors import UserError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "test")

@@ -8,14 +8,14 @@ standardisation is a separate step (``standardize``) so that cached raw vectors 
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import UserError
+from errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +70,29 @@ def weights_digest(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class BackboneId:
+    """What makes two runs' feature vectors the same: equal ids give equal vectors for equal images.
+    Checkpoints store it (``record``), the feature cache is keyed by it, and a checkpoint is checked
+    against the id of the backbone loaded now before it scores anything."""
+    name: str
+    weights: str                # digest of the weights the taps use (``weights_digest``)
+    input_size: int             # images are resized to this many pixels a side
+    feature_dim: int            # width of the vectors the LFDN sees
+    layers: Tuple[int, ...]     # the taps those vectors are made of (0-based)
+    indices: Tuple[int, ...]    # their slice ends in the vector
+
+    @property
+    def identity(self) -> str:
+        """"name@digest": the backbone and its weights, whatever the input size or taps."""
+        return f"{self.name}@{self.weights}"
+
+    def record(self) -> dict:
+        """The plain dict a checkpoint stores (``weights_only`` loading admits no classes)."""
+        return {"name": self.name, "identity": self.identity, "input_size": self.input_size,
+                "feature_dim": self.feature_dim, "indices": list(self.indices), "layers": list(self.layers)}
+
+
 class MultiLayerFeatures(nn.Module):
     """Frozen backbone + neck. forward(x (B, 3, H, W), normalised) -> raw pooled vector (B, D).
 
@@ -104,9 +127,18 @@ class MultiLayerFeatures(nn.Module):
         self.channels_last = False  # set by the config's opt-in channels_last (see utils.model_factory)
         # Only the weights the taps use identify the features (a classifier head never touches them).
         used = self.used_keys()
-        self.identity = f"{name}@{weights_digest({k: v for k, v in self.backbone.state_dict().items() if k in used})}"
+        self.digest = weights_digest({k: v for k, v in self.backbone.state_dict().items() if k in used})
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}@{self.digest}"
+
+    def backbone_id(self, input_size: int) -> BackboneId:
+        """The identity of this extractor's features for images resized to ``input_size``."""
+        return BackboneId(name=self.name, weights=self.digest, input_size=input_size,
+                          feature_dim=self.feature_dim, layers=tuple(self.layers), indices=tuple(self.indices))
 
     def used_keys(self) -> set:
         """State-dict keys of the layers up to the last tap."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.diffusion import GaussianDiffusion
-from models.features import MultiLayerFeatures
+from models.features import BACKBONES, BackboneId, MultiLayerFeatures
 from models.lfdn import LFDN
 from tests.helpers import write_release_checkpoint
 from utils.checkpoint import (
@@ -14,6 +14,12 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.errors import UserError
+
+
+def lite0(input_size: int, digest: str) -> BackboneId:
+    spec = BACKBONES["efficientnet-lite0"]
+    return BackboneId(name="efficientnet-lite0", weights=digest, input_size=input_size, feature_dim=512,
+                      layers=tuple(range(5)), indices=tuple(spec.indices))
 
 
 def small_lfdn(dim=512, seed=0):
@@ -41,7 +47,7 @@ def test_release_layout_loads_with_ema_weights_and_backbone(tmp_path):
     assert torch.equal(ck.model["out.2.weight"], raw.out[2].weight)
     extractor = MultiLayerFeatures("efficientnet-lite0", state_dict=ck.backbone_state)
     assert torch.equal(extractor.backbone._conv_stem.weight, backbone["_conv_stem.weight"])
-    check_against(ck, "efficientnet-lite0", 32, 512, extractor.identity, GaussianDiffusion(), "cfg")
+    check_against(ck, backbone=extractor.backbone_id(32), diffusion=GaussianDiffusion(), config_source="cfg")
 
 
 def test_release_layout_of_the_full_b4_lfdn_loads_strictly(tmp_path):
@@ -60,29 +66,31 @@ def test_other_width_and_other_schedule_are_refused(tmp_path):
     path = tmp_path / "b4.pth"
     write_release_checkpoint(path, sd, sd)
     with pytest.raises(UserError, match=r"720-d features \(a efficientnet-b4 checkpoint\?\).*512-d"):
-        check_against(load_checkpoint(str(path)), "efficientnet-lite0", 224, 512, "x", GaussianDiffusion(), "cfg")
+        check_against(load_checkpoint(str(path)), backbone=lite0(224, "x"), diffusion=GaussianDiffusion(),
+                      config_source="cfg")
     sd = small_lfdn(dim=512).state_dict()
     write_release_checkpoint(path, sd, sd, alphas_cumprod=GaussianDiffusion(linear_end=0.03).alphas_cumprod.numpy())
     with pytest.raises(UserError, match="different noise schedule"):
-        check_against(load_checkpoint(str(path)), "efficientnet-lite0", 224, 512, "x", GaussianDiffusion(), "cfg")
+        check_against(load_checkpoint(str(path)), backbone=lite0(224, "x"), diffusion=GaussianDiffusion(),
+                      config_source="cfg")
 
 
 def test_our_format_round_trip_and_backbone_mismatch(tmp_path):
     m = small_lfdn()
     payload = make_payload(model=m.state_dict(), ema={"decay": 0.9999, "num_updates": 3, "weights": m.state_dict()},
                            optimizer={}, scaler={}, epoch=4, config={"diffusion": {"timesteps": 100}},
-                           backbone={"name": "efficientnet-lite0", "identity": "efficientnet-lite0@aaa",
-                                     "input_size": 64}, run_id="r1")
+                           backbone=lite0(64, "aaa"), run_id="r1")
     path = str(tmp_path / "ours.pth")
     save_checkpoint(payload, path)
     assert sorted(os.listdir(tmp_path)) == ["ours.pth"]
     ck = load_checkpoint(path)
     assert ck.kind == "dlsr" and ck.epoch == 4 and ck.ema["num_updates"] == 3
-    check_against(ck, "efficientnet-lite0", 64, 512, "efficientnet-lite0@aaa", GaussianDiffusion(), "cfg")
+    assert ck.backbone == lite0(64, "aaa").record()
+    check_against(ck, backbone=lite0(64, "aaa"), diffusion=GaussianDiffusion(), config_source="cfg")
     with pytest.raises(UserError, match="other weights"):
-        check_against(ck, "efficientnet-lite0", 64, 512, "efficientnet-lite0@bbb", GaussianDiffusion(), "cfg")
+        check_against(ck, backbone=lite0(64, "bbb"), diffusion=GaussianDiffusion(), config_source="cfg")
     with pytest.raises(UserError, match="at 64 px"):
-        check_against(ck, "efficientnet-lite0", 112, 512, "efficientnet-lite0@aaa", GaussianDiffusion(), "cfg")
+        check_against(ck, backbone=lite0(112, "aaa"), diffusion=GaussianDiffusion(), config_source="cfg")
 
 
 class Exploit:

@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
+from errors import UserError
 from models.diffusion import GaussianDiffusion
-from models.features import BACKBONES, weights_digest
+from models.features import BACKBONES, BackboneId, weights_digest
 from utils.atomic import atomic_torch_save
-from utils.errors import UserError
 
 FORMAT = "dlsr-checkpoint/1"
 RELEASE_PREFIX = "model.diffusion_model."
@@ -33,7 +33,7 @@ class LoadedCheckpoint:
     optimizer: Optional[dict] = None
     scaler: Optional[dict] = None
     config: Optional[dict] = None        # our resolved config (ours only)
-    backbone: Optional[dict] = None      # our backbone identity record (ours only)
+    backbone: Optional[dict] = None      # the BackboneId record of its training run (ours only)
     backbone_state: Optional[dict] = None  # backbone weights carried by release files
     alphas_cumprod: Optional[torch.Tensor] = None  # the schedule buffer of release files
     run_id: Optional[str] = None         # the training run that wrote it (ours; release files have none)
@@ -63,10 +63,10 @@ def save_checkpoint(payload: dict, path: str) -> None:
 
 
 def make_payload(*, model: dict, ema: dict, optimizer: dict, scaler: dict, epoch: int, config: dict,
-                 backbone: dict, run_id: str) -> dict:
+                 backbone: BackboneId, run_id: str) -> dict:
     """Our checkpoint: everything to resume or evaluate, the run's id, and a checksum of the weights."""
     return {"format": FORMAT, "model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler,
-            "epoch": epoch, "config": config, "backbone": backbone, "run_id": run_id,
+            "epoch": epoch, "config": config, "backbone": backbone.record(), "run_id": run_id,
             "checksum": weights_checksum(model, ema)}
 
 
@@ -144,6 +144,19 @@ def _from_release(path: str, obj: dict) -> LoadedCheckpoint:
                             backbone_state=backbone or None, alphas_cumprod=sd.get("alphas_cumprod"))
 
 
+def stored_config(path: Optional[str]) -> Optional[dict]:
+    """The config stored in our checkpoint at ``path``, read without loading its weights (they are
+    memory-mapped, never read); None where there is none or the file cannot be read that way."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file, or not one at all: load_checkpoint says what is wrong
+        return None
+    return obj.get("config") if isinstance(obj, dict) and obj.get("format") == FORMAT else None
+
+
 def config_of(ckpt: LoadedCheckpoint, given, hint: str):
     """``given`` (a YAML path or a Config) when there is one, else the config stored in our checkpoint.
     The authors' files store none: then the error says to pass one (``hint``, e.g. "--config config/Config.yaml")."""
@@ -155,15 +168,16 @@ def config_of(ckpt: LoadedCheckpoint, given, hint: str):
     return config_from_dict(ckpt.config, source=f"{ckpt.path} (its stored config)")
 
 
-def check_against(ckpt: LoadedCheckpoint, backbone_name: str, input_size: int, feature_dim: int,
-                  backbone_identity: str, diffusion: GaussianDiffusion, config_source: str) -> None:
-    """Refuse a checkpoint whose features or schedule differ from what this run will use."""
+def check_against(ckpt: LoadedCheckpoint, *, backbone: BackboneId, diffusion: GaussianDiffusion,
+                  config_source: str) -> None:
+    """Refuse a checkpoint whose features (``backbone``: those this run computes) or schedule differ
+    from what this run will use."""
     width = ckpt.lfdn_sizes()["in_channels"]
-    if width != feature_dim:
+    if width != backbone.feature_dim:
         guess = [n for n, s in BACKBONES.items() if s.indices[-1] == width]
         hint = f" (a {guess[0]} checkpoint?)" if guess else ""
-        raise UserError(f"{ckpt.path} expects {width}-d features{hint} but {config_source} uses {backbone_name} "
-                        f"with {feature_dim}-d features; pass the config the checkpoint was trained with")
+        raise UserError(f"{ckpt.path} expects {width}-d features{hint} but {config_source} uses {backbone.name} "
+                        f"with {backbone.feature_dim}-d features; pass the config the checkpoint was trained with")
     if ckpt.kind == "release":
         abar = ckpt.alphas_cumprod
         ours = diffusion.alphas_cumprod.float()
@@ -172,12 +186,12 @@ def check_against(ckpt: LoadedCheckpoint, backbone_name: str, input_size: int, f
                             f"(alphas_cumprod differ); set diffusion.* to match it")
         return
     trained = ckpt.backbone or {}
-    if trained.get("name") != backbone_name or trained.get("input_size") != input_size:
-        raise UserError(f"{ckpt.path} was trained on {trained.get('name')} features at "
-                        f"{trained.get('input_size')} px but {config_source} uses {backbone_name} at {input_size} px")
-    if trained.get("identity") != backbone_identity:
+    if trained.get("name") != backbone.name or trained.get("input_size") != backbone.input_size:
+        raise UserError(f"{ckpt.path} was trained on {trained.get('name')} features at {trained.get('input_size')} "
+                        f"px but {config_source} uses {backbone.name} at {backbone.input_size} px")
+    if trained.get("identity") != backbone.identity:
         raise UserError(f"{ckpt.path} was trained on features of backbone {trained.get('identity')} but the "
-                        f"backbone loaded now is {backbone_identity} (other weights); use the same weights file")
+                        f"backbone loaded now is {backbone.identity} (other weights); use the same weights file")
     sched = ckpt.config.get("diffusion", {}) if ckpt.config else {}
     for key in ("timesteps", "linear_start", "linear_end"):
         if key in sched and sched[key] != getattr(diffusion, key):

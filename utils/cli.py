@@ -1,14 +1,18 @@
-"""What the three entry scripts share: config + flag overrides, logging, and the error boundary."""
+"""What the entry scripts share: flags made from the config, config + flag overrides, logging, and the
+error boundary."""
 import argparse
 import logging
 import sys
+import typing
 from contextlib import nullcontext
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
+import yaml
 from tqdm import tqdm
 
-from utils.config import CHOICES, Config, load_config, override
-from utils.errors import UserError, one_line
+from errors import UserError, one_line
+from utils.config import (CHOICES, DEFAULT_CONFIG, Config, field_of, field_type, load_config, non_null, override,
+                          value_at)
 from utils.runtime import keep_freed_memory
 
 log = logging.getLogger("dlsr")
@@ -28,43 +32,135 @@ def setup_logging(is_main: bool) -> None:
     log.propagate = False
 
 
+# The config keys each kind of script takes as flags. Name, type, help text and allowed values come
+# from the config's fields (utils/config.py); --help adds the value the config in use sets.
+COMMON_FLAGS = ("data_path", "device", "cache_dir", "backbone.weights", "num_workers", "amp", "precision",
+                "channels_last")
+SCORE_FLAGS = ("diffusion.subset_timesteps_num", "diffusion.eta", "diffusion.indexing", "eval.batch_size",
+               "eval.seed", "eval.mfsim_layers")
+EVAL_FLAGS = ("eval.dataset", "eval.ood", "eval.groups", "eval.similarity_type", "eval.fpr95", "eval.baselines",
+              "eval.knn_k")
+
+
+def flag_name(key: str) -> str:
+    return field_of(key).metadata.get("flag") or key.rsplit(".", 1)[-1]
+
+
+def add_config_flags(p: argparse.ArgumentParser, keys: Sequence[str]) -> None:
+    """One flag per config key, made from the field: a switch for a bool (it sets the field's ``const``),
+    a repeatable NAME=VALUE for a mapping, a comma-separated list for a list, else the field's type."""
+    for key in keys:
+        meta, tp = field_of(key).metadata, non_null(field_type(key))
+        origin = typing.get_origin(tp)
+        kw = {"default": None, "help": _escape(meta["help"])}
+        if tp is bool:
+            if meta["const"] is None:
+                raise TypeError(f"config field {key} needs const= (the value its switch sets) to be a flag")
+            kw.update(action="store_const", const=meta["const"])
+            kw["help"] += f" (sets {key}: {_shown(meta['const'])})"
+        elif origin is dict:
+            kw.update(action="append", metavar=meta["metavar"] or "NAME=VALUE")
+        elif origin is list:
+            kw.update(metavar=meta["metavar"] or "LIST")
+        else:
+            kw.update(type=tp, metavar=meta["metavar"] or key.rsplit(".", 1)[-1].upper())
+        if key in CHOICES:
+            if origin in (dict, list):
+                kw["help"] += f" (each of {', '.join(CHOICES[key])})"
+            else:
+                kw.update(choices=CHOICES[key], metavar=None)
+        action = p.add_argument(f"--{flag_name(key)}", **kw)
+        action.config_key = key
+        p.config_actions = [*getattr(p, "config_actions", []), action]
+
+
 def add_common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data_path", help="root of the datasets (default: the config's data_path, ./data)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--cache_dir", help="feature cache folder (default: <data_path>/feature_cache)")
-    p.add_argument("--backbone_weights", help="ImageNet weights file of the backbone")
-    p.add_argument("--num_workers", type=int, help="image decoding worker processes")
-    p.add_argument("--no_amp", action="store_true", help="no fp16 autocast on CUDA (fp32 throughout)")
-    p.add_argument("--precision", choices=CHOICES["precision"],
-                   help="CPU arithmetic: fp32 (exact, default) or bf16 autocast (opt-in; CPUs with native bf16 only)")
-    p.add_argument("--channels_last", action="store_true", help="channels-last convolutions (opt-in; other rounding)")
+    add_config_flags(p, COMMON_FLAGS)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --opt lfdn.num_res_blocks=8 (repeatable)")
 
 
-COMMON_FLAGS = {"data_path": "data_path", "device": "device", "cache_dir": "cache_dir",
-                "backbone_weights": "backbone.weights", "num_workers": "num_workers"}
+def parse_with_config(p: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                      config_in_use: Callable[[Optional[Sequence[str]]], Tuple[Config, str]]) -> argparse.Namespace:
+    """Parse ``argv``; --help shows, beside each config flag, the value that the config the run will use
+    sets (``config_in_use(argv)`` -> (that config, where it comes from))."""
+    cfg, source = config_in_use(argv)
+    for action in getattr(p, "config_actions", []):
+        action.help += _escape(f" [{source}: {_shown(value_at(cfg, action.config_key))}]")
+    p.epilog = ("[FILE: VALUE] is what the config in use sets; a flag given overrides it, and --opt KEY=VALUE "
+                "overrides any config value.")
+    return p.parse_args(argv)
 
 
-def resolve_config(config: Union[str, Config], args: argparse.Namespace, flags: Dict[str, str]) -> Config:
-    """Load the YAML (or take ``config`` as it is), then apply ``--opt KEY=VALUE`` and the named flags (flags win)."""
+def flag_values(argv: Optional[Sequence[str]], **defaults) -> argparse.Namespace:
+    """Just the named flags of ``argv`` (the rest ignored): where the config comes from, before parsing."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name, default in defaults.items():
+        pre.add_argument(f"--{name}", default=default)
+    return pre.parse_known_args(argv)[0]
+
+
+def yaml_named_by(flag: str) -> Callable[[Optional[Sequence[str]]], Tuple[Config, str]]:
+    """For ``parse_with_config``: the config is the YAML that --``flag`` names (default: DEFAULT_CONFIG)."""
+    return lambda argv: yaml_in_use(getattr(flag_values(argv, **{flag: DEFAULT_CONFIG}), flag))
+
+
+def yaml_in_use(path: str) -> Tuple[Config, str]:
+    """The config at ``path``, or the built-in defaults where it cannot be read (the run then says why)."""
+    try:
+        return load_config(path), path
+    except UserError:
+        return Config(), f"built-in; {path} unreadable"
+
+
+def resolve_config(config: Union[str, Config], args: argparse.Namespace, keys: Sequence[str]) -> Config:
+    """Load the YAML (or take ``config`` as it is), then apply ``--opt KEY=VALUE`` and the flags of
+    COMMON_FLAGS and ``keys`` (flags win)."""
     cfg = load_config(config) if isinstance(config, str) else config
     for item in args.opt:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--opt expects KEY=VALUE, got {item!r}")
         override(cfg, key.strip(), value)
-    for flag, key in {**COMMON_FLAGS, **flags}.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            override(cfg, key, value, source=f"--{flag}")
-    if args.no_amp:
-        cfg.amp = False
-    if getattr(args, "precision", None):
-        override(cfg, "precision", args.precision, source="--precision")
-    if getattr(args, "channels_last", False):
-        cfg.channels_last = True
+    for key in (*COMMON_FLAGS, *keys):
+        name = flag_name(key)
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        origin = typing.get_origin(non_null(field_type(key)))
+        if origin is dict:
+            value = _pairs(value, name, field_of(key).metadata["metavar"])
+            if field_of(key).metadata["merge"]:
+                value = {**value_at(cfg, key), **value}
+        elif origin is list:
+            value = [yaml.safe_load(item) for item in (v.strip() for v in value.split(",")) if item]
+        override(cfg, key, value, source=f"--{name}")
     return cfg
+
+
+def _pairs(items: Sequence[str], name: str, metavar: str) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise UserError(f"--{name} expects {metavar}, got {item!r}")
+        if key in pairs:
+            raise UserError(f"--{name} names {key!r} twice ({pairs[key]!r} and {value!r}); give each its own name")
+        pairs[key] = value
+    return pairs
+
+
+def _shown(value) -> str:
+    """A config value as it would be written on the command line (null for None, lists comma-separated)."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")
 
 
 def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> None:
@@ -80,81 +176,18 @@ def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Se
         sys.exit(130)
 
 
-EVAL_FLAGS = {"similarity_type": "eval.similarity_type", "dataset": "eval.dataset", "fpr95": "eval.fpr95"}
-
-
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pretrained_ldm_cfg", default="config/Config.yaml",
+    p.add_argument("--pretrained_ldm_cfg", default=DEFAULT_CONFIG, metavar="FILE",
                    help="the config the checkpoint(s) were trained with (default: %(default)s)")
     add_common_flags(p)
     p.add_argument("--evaluate", action="store_true", help="accepted for compatibility with the release; "
                    "evaluating is what this script does")
-    p.add_argument("--similarity_type", choices=CHOICES["eval.similarity_type"],
-                   help="headline score (default: the config's eval.similarity_type)")
-    p.add_argument("--dataset", help="ID test set spec (default: config eval.dataset)")
-    p.add_argument("--ood", action="append", default=[], metavar="NAME=SPEC",
-                   help="OOD set, repeatable; replaces the config's list, e.g. --ood SVHN=svhn --ood Tex=folder:dtd/images")
+    add_config_flags(p, EVAL_FLAGS)
     p.add_argument("--skip_missing", action="store_true", help="go on without OOD sets that are not on disk")
-    p.add_argument("--output_dir", help="where results go (default: results-<name> beside the checkpoint)")
+    p.add_argument("--output_dir", metavar="PATH", help="where results go (default: results-<name> beside the checkpoint)")
     p.add_argument("--save_features", action="store_true", help="also save features/NAME.npy (standardised vectors)")
     p.add_argument("--no_plots", action="store_true", help="skip the ROC and histogram PNGs")
-    add_score_flags(p)
-    p.add_argument("--fpr95", choices=CHOICES["eval.fpr95"], help="FPR95 convention (default: the config's eval.fpr95)")
-    p.add_argument("--group", action="append", default=[], metavar="NAME=near|far",
-                   help="put an OOD set in the near or far group (repeatable; adds near/far mean rows)")
-    p.add_argument("--baselines", metavar="LIST", help="also score every set with baselines on the same features: "
-                   "knn, mahalanobis, or knn,mahalanobis (default: the config's eval.baselines)")
-    p.add_argument("--knn_k", metavar="LIST", help="kNN's k values, e.g. 1,50 (default: the config's eval.knn_k)")
-
-
-SCORE_FLAGS = {"seed": "eval.seed", "batch_size": "eval.batch_size", "mfsim_layers": "eval.mfsim_layers",
-               "subset_timesteps_num": "diffusion.subset_timesteps_num", "eta": "diffusion.eta",
-               "indexing": "diffusion.indexing"}
-
-
-def add_score_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that set how images are scored (evaluation and predict.py); defaults come from the config."""
-    p.add_argument("--subset_timesteps_num", type=int, help="noise level k = number of DDIM steps "
-                   "(default: the config's diffusion.subset_timesteps_num)")
-    p.add_argument("--eta", type=float, help="DDIM eta (default: the config's diffusion.eta)")
-    p.add_argument("--indexing", choices=CHOICES["diffusion.indexing"], help="DDIM indexing (default: the config's)")
-    p.add_argument("--batch_size", type=int, help="vectors per reconstruction batch, a speed setting "
-                   "(default: the config's eval.batch_size)")
-    p.add_argument("--seed", type=int, help="noise seed (default: the config's eval.seed)")
-    p.add_argument("--mfsim_layers", choices=CHOICES["eval.mfsim_layers"],
-                   help="release: skip layer 0; all: the paper's formula (default: the config's)")
-
-
-def eval_config(args: argparse.Namespace) -> Config:
-    cfg = resolve_config(args.pretrained_ldm_cfg, args, {**EVAL_FLAGS, **SCORE_FLAGS})
-    if args.ood:
-        ood = {}
-        for item in args.ood:
-            name, sep, spec = item.partition("=")
-            if not sep or not name or not spec:
-                raise UserError(f"--ood expects NAME=SPEC, e.g. SVHN=svhn, got {item!r}")
-            if name in ood:
-                raise UserError(f"--ood names the set {name!r} twice ({ood[name]!r} and {spec!r}); give each set its own name")
-            ood[name] = spec
-        override(cfg, "eval.groups", {n: g for n, g in cfg.eval.groups.items() if n in ood}, source="--ood")
-        override(cfg, "eval.ood", ood, source="--ood")
-    if args.group:
-        groups = dict(cfg.eval.groups)
-        for item in args.group:
-            name, sep, group = item.partition("=")
-            if not sep:
-                raise UserError(f"--group expects NAME=near or NAME=far, got {item!r}")
-            groups[name] = group
-        override(cfg, "eval.groups", groups, source="--group")
-    if args.baselines is not None:
-        override(cfg, "eval.baselines", [b.strip() for b in args.baselines.split(",") if b.strip()], source="--baselines")
-    if args.knn_k is not None:
-        try:
-            ks = [int(k) for k in args.knn_k.split(",")]
-        except ValueError:
-            raise UserError(f"--knn_k expects integers like 1,50, got {args.knn_k!r}") from None
-        override(cfg, "eval.knn_k", ks, source="--knn_k")
-    return cfg
+    add_config_flags(p, SCORE_FLAGS)
 
 
 def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], default_output_dir: str) -> None:
@@ -166,7 +199,7 @@ def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], defaul
     from utils.distributed import stop_unless_main_agrees
     from utils.report import check_output_dir, output_lock
 
-    cfg = eval_config(args)
+    cfg = resolve_config(args.pretrained_ldm_cfg, args, (*EVAL_FLAGS, *SCORE_FLAGS))
     out = args.output_dir or default_output_dir
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)

@@ -9,58 +9,77 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from errors import UserError
 from models.diffusion import INDEXING
-from utils.errors import UserError
+from utils.baselines import BASELINES
 from utils.metrics import FPR95_CONVENTIONS
-from utils.scores import SCORE_TYPES
+from utils.scores import MFSIM_LAYERS, SCORE_TYPES
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            flag: Optional[str] = None, const: Any = None, metavar: Optional[str] = None, merge: bool = False):
+    """A config field with what its command-line flag needs: the help text, and where the flag is
+    not the field's own name or is a switch, its name (``flag``) and the value it sets (``const``).
+    ``merge``: a mapping flag adds to the config's mapping instead of replacing it."""
+    meta = {"help": help, "flag": flag, "const": const, "metavar": metavar, "merge": merge}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+DEFAULT_CONFIG = "config/Config.yaml"  # the release's defaults; what every entry point reads unless told
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "efficientnet-b4"
-    weights: Optional[str] = None       # file path; None: search ./ and ./checkpoint/, then download
-    input_size: int = 224
-    layers: Optional[List[int]] = None  # taps the LFDN's vector uses (0-based); None: all (the paper)
+    name: str = setting("efficientnet-b4", "the frozen ImageNet backbone")
+    weights: Optional[str] = setting(None, "ImageNet weights file of the backbone (null: its canonical file name "
+                                     "in ./ or ./checkpoint/, else a download)", flag="backbone_weights",
+                                     metavar="FILE")
+    input_size: int = setting(224, "images are resized to this many pixels a side")
+    layers: Optional[List[int]] = setting(None, "taps the LFDN's vector uses, 0-based (null: all, the paper)")
 
 
 @dataclass
 class LFDNConfig:
     # Input/output width is the backbone's feature width; these are the inner sizes.
-    model_channels: int = 1440
-    time_embed_dim: int = 720
-    bottleneck_channels: int = 1440
-    num_res_blocks: int = 16
-    dropout: float = 0.0
+    model_channels: int = setting(1440, "width of the residual stream")
+    time_embed_dim: int = setting(720, "width of the timestep embedding")
+    bottleneck_channels: int = setting(1440, "inner width of each residual block")
+    num_res_blocks: int = setting(16, "residual blocks")
+    dropout: float = setting(0.0, "dropout inside the residual blocks")
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 100
-    linear_start: float = 0.0015
-    linear_end: float = 0.0195
-    subset_timesteps_num: int = 3       # k: noise level and number of DDIM steps at test time
-    eta: float = 1.0
-    indexing: str = "release"           # release | consistent (see GaussianDiffusion.reconstruct)
+    timesteps: int = setting(100, "T, steps of the noise schedule")
+    linear_start: float = setting(0.0015, "first beta of the linear schedule")
+    linear_end: float = setting(0.0195, "last beta of the linear schedule")
+    subset_timesteps_num: int = setting(3, "k: the test-time noise level and number of DDIM steps", metavar="K")
+    eta: float = setting(1.0, "DDIM eta (1: fresh noise at every step)")
+    indexing: str = setting("release", "DDIM indexing: release (its off-by-one, reproduced) or consistent")
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "cifar10"
-    subset: Optional[int] = None        # train on a fixed seeded subset of this many images
-    batch_size: int = 256               # per process
-    epochs: int = 150
-    lr: Optional[float] = 1e-5          # None: blr * batch_size * accum_iter * world_size / 256
-    blr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.02
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    cosine_lr: bool = False
-    warmup_epochs: int = 0
-    accum_iter: int = 1
-    ema_decay: float = 0.9999
-    save_every: int = 25
-    seed: int = 0
-    cache_features: bool = True         # False: run the backbone on every image every epoch, as the release
+    dataset: str = setting("cifar10", "ID training set spec, e.g. cifar10, fashion-mnist, folder:PATH",
+                           metavar="SPEC")
+    subset: Optional[int] = setting(None, "train on a fixed seeded subset of this many images (null: all)",
+                                    metavar="N")
+    batch_size: int = setting(256, "training batch per process", metavar="N")
+    epochs: int = setting(150, "training epochs", metavar="N")
+    lr: Optional[float] = setting(1e-5, "absolute learning rate (null: blr * total batch / 256)")
+    blr: float = setting(1e-3, "base learning rate, used when lr is null")
+    min_lr: float = setting(0.0, "floor of the cosine schedule")
+    weight_decay: float = setting(0.02, "AdamW weight decay")
+    betas: List[float] = setting(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    cosine_lr: bool = setting(False, "half-cosine decay after warm-up", const=True)
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up", metavar="N")
+    accum_iter: int = setting(1, "gradient accumulation steps", metavar="N")
+    ema_decay: float = setting(0.9999, "decay of the weights' exponential moving average (evaluation uses it)")
+    save_every: int = setting(25, "also keep checkpoint-<epoch>.pth every this many epochs", metavar="N")
+    seed: int = setting(0, "seed of everything random in training")
+    cache_features: bool = setting(True, "compute the frozen backbone's features once and cache them; false: "
+                                   "run the backbone on every image every epoch, as the release (slow; for "
+                                   "comparison)", flag="no_cache", const=False)
 
 
 def _cifar10_benchmark() -> Dict[str, str]:
@@ -77,36 +96,47 @@ def _cifar10_benchmark() -> Dict[str, str]:
 
 @dataclass
 class EvalConfig:
-    dataset: str = "cifar10"            # the ID test set (its test split)
-    ood: Dict[str, str] = field(default_factory=_cifar10_benchmark)
-    batch_size: int = 64
-    similarity_type: str = "MFsim"      # the headline score: MSE | MFsim
-    mfsim_layers: str = "release"       # release: skip layer 0, divide by L-1 | all: average all L layers
-    fpr95: str = "release"              # release: ID-positive | ood_positive: OpenOOD v1.5 / pytorch-ood
-    seed: int = 0
-    groups: Dict[str, str] = field(default_factory=dict)   # OOD set name -> near | far (mean rows per group)
-    baselines: List[str] = field(default_factory=list)     # knn, mahalanobis: scored on the same features
-    knn_k: List[int] = field(default_factory=lambda: [1, 50])
+    dataset: str = setting("cifar10", "the ID test set (its test split)", metavar="SPEC")
+    ood: Dict[str, str] = setting(help="the OOD sets, NAME: SPEC; the flag is repeatable and replaces the "
+                                  "config's sets, e.g. --ood SVHN=svhn --ood Tex=folder:dtd/images",
+                                  factory=_cifar10_benchmark, flag="ood", metavar="NAME=SPEC")
+    batch_size: int = setting(64, "vectors per reconstruction batch, a speed setting", metavar="N")
+    similarity_type: str = setting("MFsim", "the headline score")
+    mfsim_layers: str = setting("release", "release: layers 2..L averaged over L-1; all: the paper's formula")
+    fpr95: str = setting("release", "FPR95 convention: release (ID-positive threshold) or ood_positive "
+                         "(OpenOOD v1.5, pytorch-ood)")
+    seed: int = setting(0, "seed of the test-time noise")
+    groups: Dict[str, str] = setting(help="OOD set NAME: GROUP, near or far, adding near/far mean rows; the flag "
+                                     "is repeatable and adds to the config's groups", factory=dict, flag="group",
+                                     metavar="NAME=GROUP", merge=True)
+    baselines: List[str] = setting(help="baselines scored on the same features, comma-separated", factory=list,
+                                   metavar="LIST")
+    knn_k: List[int] = setting(help="kNN's k values, comma-separated", factory=lambda: [1, 50], metavar="LIST")
 
 
 @dataclass
 class Config:
-    data_path: str = "./data"
-    output_dir: str = "./checkpoint"
-    log_dir: Optional[str] = None       # None: output_dir
-    cache_dir: Optional[str] = None     # None: <data_path>/feature_cache
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    amp: bool = True                    # fp16 autocast (and a grad scaler in training) on CUDA only
-    precision: str = "fp32"             # CPU: fp32 (exact, default) | bf16 (autocast, opt-in, native bf16 CPUs only)
-    channels_last: bool = False         # backbone convolutions in channels-last layout (opt-in; other rounding)
-    download: bool = True               # let torchvision download missing sets where there is internet
-    num_workers: Optional[int] = None   # image decoding workers per process; None: 0 on CPU, up to 8 on CUDA
-    extract_batch_size: int = 64
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    lfdn: LFDNConfig = field(default_factory=LFDNConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data_path: str = setting("./data", "root of the datasets", metavar="PATH")
+    output_dir: str = setting("./checkpoint", "checkpoints", metavar="PATH")
+    log_dir: Optional[str] = setting(None, "log.txt, config.yaml, TensorBoard (null: output_dir)", metavar="PATH")
+    cache_dir: Optional[str] = setting(None, "feature cache folder (null: <data_path>/feature_cache)",
+                                       metavar="PATH")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = setting(True, "fp16 autocast (and a grad scaler in training) on CUDA; false: fp32 throughout",
+                        flag="no_amp", const=False)
+    precision: str = setting("fp32", "CPU arithmetic: fp32 (exact) or bf16 autocast (opt-in; CPUs with "
+                             "native bf16 only)")
+    channels_last: bool = setting(False, "channels-last convolutions in the backbone (opt-in; other rounding)",
+                                  const=True)
+    download: bool = setting(True, "let torchvision download missing sets where there is internet")
+    num_workers: Optional[int] = setting(None, "image decoding workers per process (null: 0 on CPU, up to 8 "
+                                         "on CUDA)", metavar="N")
+    extract_batch_size: int = setting(64, "images per backbone batch")
+    backbone: BackboneConfig = setting(factory=BackboneConfig)
+    lfdn: LFDNConfig = setting(factory=LFDNConfig)
+    diffusion: DiffusionConfig = setting(factory=DiffusionConfig)
+    train: TrainConfig = setting(factory=TrainConfig)
+    eval: EvalConfig = setting(factory=EvalConfig)
 
     @property
     def feature_cache_dir(self) -> str:
@@ -124,15 +154,45 @@ class Config:
         return min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
 
 
-# The one table of allowed values: the flags take their choices from here, and the modules that
-# implement each choice own its tuple.
+GROUPS = ("near", "far")  # OOD sets tagged with a group get a mean row per group (utils/report.py)
+
+# The one table of allowed values: validation and the flags take them from here, and the modules
+# that implement each choice own its tuple. A list's items, and a mapping's values, are checked.
 CHOICES = {
     "precision": ("fp32", "bf16"),
     "diffusion.indexing": INDEXING,
     "eval.similarity_type": SCORE_TYPES,
-    "eval.mfsim_layers": ("release", "all"),
+    "eval.mfsim_layers": MFSIM_LAYERS,
     "eval.fpr95": FPR95_CONVENTIONS,
+    "eval.groups": GROUPS,
+    "eval.baselines": BASELINES,
 }
+
+
+def _owner(key: str):
+    """(the dataclass holding ``key``'s leaf, the leaf's name); ``key`` is dotted ("train.epochs")."""
+    cls, (*parents, leaf) = Config, key.split(".")
+    for part in parents:
+        cls = _fields(cls)[part]
+    return cls, leaf
+
+
+def field_of(key: str) -> dataclasses.Field:
+    """The dataclass field behind a config key: its default, and the metadata its flag is made from."""
+    cls, leaf = _owner(key)
+    return next(f for f in dataclasses.fields(cls) if f.name == leaf)
+
+
+def field_type(key: str):
+    cls, leaf = _owner(key)
+    return _fields(cls)[leaf]
+
+
+def value_at(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def load_config(path: str) -> Config:
@@ -180,16 +240,20 @@ def override(cfg: Config, key: str, value: Any, source: str = "command line") ->
         except yaml.YAMLError:
             pass
     setattr(obj, leaf, _coerce(fields[leaf], value, key, source))
+    if key == "eval.ood":  # a new list of OOD sets keeps the groups of the sets it still has
+        cfg.eval.groups = {n: g for n, g in cfg.eval.groups.items() if n in cfg.eval.ood}
     validate(cfg, source)
 
 
 def validate(cfg: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise UserError(f"{source}: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        value = value_at(cfg, key)
+        entries = value.items() if isinstance(value, dict) else \
+            ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else [("", value)]
+        for where, v in entries:
+            if v not in allowed:
+                sep = "." if isinstance(value, dict) else ""
+                raise UserError(f"{source}: {key}{sep}{where} must be one of {', '.join(allowed)}, got {v!r}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
@@ -206,21 +270,11 @@ def validate(cfg: Config, source: str) -> None:
     _check_eval_lists(cfg, source)
 
 
-GROUPS = ("near", "far")
-
-
 def _check_eval_lists(cfg: Config, source: str) -> None:
-    from utils.baselines import BASELINES
-
     e = cfg.eval
-    for name, group in e.groups.items():
+    for name in e.groups:
         if name not in e.ood:
             raise UserError(f"{source}: eval.groups names {name!r}, which is not an OOD set ({', '.join(e.ood)})")
-        if group not in GROUPS:
-            raise UserError(f"{source}: eval.groups.{name} must be one of {', '.join(GROUPS)}, got {group!r}")
-    for b in e.baselines:
-        if b not in BASELINES:
-            raise UserError(f"{source}: eval.baselines may hold {', '.join(BASELINES)}, got {b!r}")
     if not e.knn_k or any(k < 1 for k in e.knn_k):
         raise UserError(f"{source}: eval.knn_k must be a list of positive integers, got {e.knn_k}")
 
@@ -290,13 +344,20 @@ def _build(cls, data: Any, prefix: str, source: str):
     return cls(**kwargs)
 
 
+def non_null(tp):
+    """Optional[X] -> X; any other type as it is."""
+    if typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
 def _coerce(tp, value: Any, key: str, source: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     bad = UserError(f"{source}: {key} should be {_type_name(tp)}, got {value!r}")
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
-        return _coerce(next(a for a in args if a is not type(None)), value, key, source)
+        return _coerce(non_null(tp), value, key, source)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -327,7 +388,7 @@ def _coerce(tp, value: Any, key: str, source: str):
 def _type_name(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:
-        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+        return f"{_type_name(non_null(tp))} or null"
     if origin in (list, List):
         return f"a list of {_type_name(args[0])}"
     if origin in (dict, Dict):

@@ -1,7 +1,7 @@
 """The Python API, in pytorch-ood's fit / predict shape. ``from utils.detector import DLSRDetector``.
 
     detector = DLSRDetector.from_checkpoint("checkpoint/checkpoint-last.pth")
-    detector.calibrate(id_loader, tpr=0.95)
+    detector.calibrate(id_loader)              # thresholds accepting 95% of these ID images
     scores = detector.predict(images)          # (B,) headline score, higher = more OOD
     flags = detector.is_ood(images)            # (B,) bool, at the calibrated threshold
 
@@ -18,11 +18,11 @@ from PIL import Image
 
 from datasets.images import resize_batch, to_rgb_resized
 from utils.checkpoint import config_of, load_checkpoint
-from utils.config import Config, load_config
+from utils.config import DEFAULT_CONFIG, Config, load_config
 from utils.distributed import DistContext, resolve_device
 from utils.evaluation import SCORE_TYPES, Scorer
 from utils.features import digest64
-from utils.prediction import thresholds_at
+from utils.prediction import DEFAULT_TPR, thresholds_at
 
 Images = Union[torch.Tensor, np.ndarray, list]
 
@@ -30,24 +30,26 @@ Images = Union[torch.Tensor, np.ndarray, list]
 class DLSRDetector:
     """Unsupervised OOD detector: train on ID images (or features), score new ones. Higher = more OOD.
 
-    ``config``: a YAML path or a ``Config``; ``score``: the headline score, "MFsim" (default) or "MSE".
+    ``config``: a YAML path or a ``Config``; ``device`` (auto, cpu, cuda, cuda:N) and ``score`` (the
+    headline score, MFsim or MSE) default to the config's ``device`` and ``eval.similarity_type``.
     """
 
-    def __init__(self, config: Union[str, Config] = "config/Config.yaml", device: str = "auto", score: str = "MFsim"):
-        if score not in SCORE_TYPES:
-            raise ValueError(f"score must be one of {SCORE_TYPES}, got {score!r}")
+    def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, device: Optional[str] = None,
+                 score: Optional[str] = None):
         self.cfg = load_config(config) if isinstance(config, str) else config
-        self.ctx = DistContext(0, 1, 0, resolve_device(device))
-        self.score = score
+        self.score = score or self.cfg.eval.similarity_type
+        if self.score not in SCORE_TYPES:
+            raise ValueError(f"score must be one of {SCORE_TYPES}, got {score!r}")
+        self.ctx = DistContext(0, 1, 0, resolve_device(device or self.cfg.device))
         self.scorer: Optional[Scorer] = None
         self.thresholds: Optional[Dict[str, float]] = None
 
     @classmethod
-    def from_checkpoint(cls, path: str, config: Union[str, Config, None] = None, device: str = "auto",
-                        score: str = "MFsim") -> "DLSRDetector":
+    def from_checkpoint(cls, path: str, config: Union[str, Config, None] = None, device: Optional[str] = None,
+                        score: Optional[str] = None) -> "DLSRDetector":
         """A trained detector from a checkpoint of ours (its stored config is used) or of the authors' (give ``config``)."""
         ckpt = load_checkpoint(path)
-        det = cls(config_of(ckpt, config, "config='config/Config.yaml' (or the config it was trained with)"),
+        det = cls(config_of(ckpt, config, f"config={DEFAULT_CONFIG!r} (or the config it was trained with)"),
                   device, score)
         det.scorer = Scorer.from_checkpoints(det.cfg, det.ctx, {"end": ckpt}, path)
         return det
@@ -92,7 +94,7 @@ class DLSRDetector:
         scores = {t: torch.from_numpy(v) for t, v in scorer.scores(z, keys).items()}
         return scores if all_scores else scores[self.score]
 
-    def calibrate(self, loader: Iterable, tpr: float = 0.95) -> Dict[str, float]:
+    def calibrate(self, loader: Iterable, tpr: float = DEFAULT_TPR) -> Dict[str, float]:
         """Thresholds that accept a fraction ``tpr`` of the ID images in ``loader``; sets ``self.thresholds``."""
         if not 0 < tpr < 1:
             raise ValueError(f"tpr must be between 0 and 1, got {tpr}")

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
+from errors import UserError
 
 
 @dataclass

@@ -1,15 +1,5 @@
-"""The one exception type that entry scripts turn into a one-line message and a non-zero exit."""
+"""``from utils.errors import UserError`` as before; the type lives in the bottom module ``errors``
+(see there), where models/ and datasets/ can raise it without importing from utils/."""
+from errors import UserError, one_line
 
-
-class UserError(Exception):
-    """Something the user can fix (a path, a file, a flag); the message says what and how."""
-
-
-def one_line(exc: BaseException) -> str:
-    """The user-facing line of an error, also when a DataLoader worker re-raised it with a traceback."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return (last.split(": ", 1)[1] if ": " in last else last) or exc.__class__.__name__
-    # A newline inside the message (a file name can hold one) is shown escaped, not as a line break.
-    return text.replace("\r", "\\r").replace("\n", "\\n") if text else exc.__class__.__name__
+__all__ = ["UserError", "one_line"]

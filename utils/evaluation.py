@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 
 from datasets import ImageSet, build_dataset, build_datasets, random_subset
+from errors import UserError
 from models.diffusion import GaussianDiffusion
-from models.features import MultiLayerFeatures, weights_digest
+from models.features import BackboneId, MultiLayerFeatures, weights_digest
 from models.lfdn import LFDN
 from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext
-from utils.errors import UserError
 from utils.features import (Features, autocast, compute_mode, file_stem, image_batch_features, load_or_extract,
                             precision_tag)
 from utils.metrics import ood_metrics
@@ -116,12 +116,16 @@ class Scorer:
         diffusion = build_diffusion(cfg)
         models = {}
         for role, ck in ckpts.items():
-            check_against(ck, extractor.name, cfg.backbone.input_size, extractor.feature_dim, extractor.identity,
-                          diffusion, config_source)
+            check_against(ck, backbone=extractor.backbone_id(cfg.backbone.input_size), diffusion=diffusion,
+                          config_source=config_source)
             model = LFDN(**ck.lfdn_sizes())
             model.load_state_dict(ck.eval_weights)
             models[role] = model.to(ctx.device).eval()
         return cls(cfg, ctx, extractor.to(ctx.device), diffusion, models, ckpts)
+
+    @property
+    def backbone(self) -> BackboneId:
+        return self.extractor.backbone_id(self.cfg.backbone.input_size)
 
     @property
     def roles(self) -> List[str]:
@@ -239,7 +243,7 @@ class Scorer:
         return {
             "checkpoints": {role: {"path": c.path, "kind": c.kind, "epoch": c.epoch}
                             for role, c in self.checkpoints.items()},
-            "id_dataset": cfg.eval.dataset, "backbone": self.extractor.identity, "input_size": cfg.backbone.input_size,
+            "id_dataset": cfg.eval.dataset, "backbone": self.backbone.identity, "input_size": self.backbone.input_size,
             "subset_timesteps_num": cfg.diffusion.subset_timesteps_num, "eta": cfg.diffusion.eta,
             "indexing": cfg.diffusion.indexing, "mfsim_layers": cfg.eval.mfsim_layers, "fpr95": cfg.eval.fpr95,
             "seed": cfg.eval.seed, "device": str(ctx.device), "processes": ctx.world_size,

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from datasets import ImageSet
-from models.features import MultiLayerFeatures, standardize
+from models.features import BackboneId, MultiLayerFeatures, standardize
 from utils.atomic import atomic_torch_save
 from utils.config import Config
 from utils.distributed import DistContext, barrier, block_rows, broadcast_from, gather_interleaved, ranks_holding
@@ -164,9 +164,9 @@ def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: Dist
             gather_interleaved(local_keys, len(dataset), ctx, block=batch_size))
 
 
-def cache_key(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, input_size: int, precision: str,
-              backbone_batch: int) -> dict:
-    return {"version": CACHE_VERSION, "backbone": extractor.identity, "input_size": input_size,
+def cache_key(backbone: BackboneId, dataset: ImageSet, split: str, precision: str, backbone_batch: int) -> dict:
+    """Raw features hold every tap, so the taps the LFDN uses are not part of the key."""
+    return {"version": CACHE_VERSION, "backbone": backbone.identity, "input_size": backbone.input_size,
             "precision": precision, "backbone_batch": backbone_batch, "split": split, "dataset": dataset.identity()}
 
 
@@ -192,7 +192,7 @@ def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str
     do, all ranks extract together. A rank that lacked the file and is its node's first process
     then stores it, unless an earlier writer already did (a shared filesystem).
     """
-    key = cache_key(extractor, dataset, split, input_size, precision_tag(mode, extractor), batch_size)
+    key = cache_key(extractor.backbone_id(input_size), dataset, split, precision_tag(mode, extractor), batch_size)
     path = cache_path(cache_dir, key)
     shape = (len(dataset), extractor.raw_dim)
     stored = _read_valid(path, key, shape) if use_cache else None

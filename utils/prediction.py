@@ -20,15 +20,16 @@ from torch.utils.data import Dataset, Subset
 
 from datasets import build_dataset
 from datasets.images import list_images, to_rgb_resized
+from errors import UserError
 from models.features import weights_digest
 from utils.atomic import atomic_file, atomic_write_text
 from utils.distributed import barrier, block_rows, broadcast_from, ranks_holding
-from utils.errors import UserError
 from utils.evaluation import SCORE_TYPES, Scorer
 from utils.features import image_loader, precision_tag
 from utils.progress import progress
 
 log = logging.getLogger("dlsr")
+DEFAULT_TPR = 0.95  # the fraction of ID calibration images a threshold accepts, unless told
 CSV_COLUMNS = ("path", "MSE", "MFsim", "is_ood", "error")
 CALIBRATION_VERSION = 1
 
@@ -90,7 +91,7 @@ def _as_list(batch):
 def calibration_key(scorer: Scorer, spec: str, dataset, tpr: float) -> dict:
     cfg, d = scorer.cfg, scorer.cfg.diffusion
     return {"version": CALIBRATION_VERSION, "checkpoint": weights_digest(scorer.models["end"].state_dict()),
-            "backbone": scorer.extractor.identity, "input_size": cfg.backbone.input_size,
+            "backbone": scorer.backbone.identity, "input_size": scorer.backbone.input_size,
             "precision": precision_tag(scorer.mode, scorer.extractor), "set": spec, "set_identity": dataset.identity(),
             "k": d.subset_timesteps_num, "eta": d.eta, "indexing": d.indexing, "seed": cfg.eval.seed,
             "mfsim_layers": cfg.eval.mfsim_layers, "tpr": tpr}

@@ -14,8 +14,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from errors import UserError
 from utils.atomic import atomic_file, atomic_write_text, temp_name
-from utils.errors import UserError
+from utils.config import GROUPS
 from utils.evaluation import ID_NAME, EvalResult
 from utils.features import file_stem
 from utils.rundir import cause, check_writable, folder_lock, foreign_files, replace_folder
@@ -36,7 +37,7 @@ def summary_rows(rows: Dict[str, Optional[dict]], groups: Dict[str, str]) -> Lis
     """[(label, metrics)]: "near mean" and "far mean" over each group's sets (when the run has groups),
     then "mean" over every set; metrics None where a group has no set scored."""
     out = []
-    for group in ("near", "far"):
+    for group in GROUPS:
         members = {n: m for n, m in rows.items() if groups.get(n) == group}
         if members:
             out.append((f"{group} mean", mean_row(members)))
@@ -61,7 +62,7 @@ def format_markdown(result: EvalResult) -> str:
     out.write("All metrics in percent, OOD is the positive class; higher score = more OOD.\n")
     if meta.get("groups"):
         out.write("Groups: " + "; ".join(f"{g}: {', '.join(n for n, gg in meta['groups'].items() if gg == g)}"
-                                         for g in ("near", "far") if g in meta["groups"].values()) + ".\n")
+                                         for g in GROUPS if g in meta["groups"].values()) + ".\n")
     for f in result.fields:
         rows = result.metrics[f]
         tag = "  (headline)" if f == result.headline else \

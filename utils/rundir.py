@@ -7,8 +7,8 @@ import shutil
 from contextlib import contextmanager
 from typing import Iterable
 
+from errors import UserError
 from utils.atomic import temp_name
-from utils.errors import UserError
 
 
 def check_writable(folder: str, what: str) -> None:

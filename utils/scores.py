@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 SCORE_TYPES = ("MSE", "MFsim")
+MFSIM_LAYERS = ("release", "all")  # release: layers 2..L averaged over L-1; all: every layer (the paper's formula)
 
 
 def mse_score(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:

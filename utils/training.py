@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from datasets import ImageSet, build_dataset, random_subset
+from errors import UserError
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
-from models.features import MultiLayerFeatures
+from models.features import BackboneId, MultiLayerFeatures
 from models.lfdn import LFDN
 from utils.atomic import atomic_link
 from utils.checkpoint import (
@@ -37,7 +38,6 @@ from utils.checkpoint import (
 )
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier, stop_unless_main_agrees
-from utils.errors import UserError
 from utils.features import autocast, compute_mode, image_loader, load_or_extract, standardized_features
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
 from utils.progress import progress
@@ -162,8 +162,11 @@ class Trainer:
     def payload(self, epoch: int) -> dict:
         return make_payload(model=self.model.state_dict(), ema=self.ema.state_dict(),
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
-                            config=config_to_dict(self.cfg), backbone=backbone_record(self.cfg, self.extractor),
-                            run_id=self.run_id)
+                            config=config_to_dict(self.cfg), backbone=self.backbone, run_id=self.run_id)
+
+    @property
+    def backbone(self) -> BackboneId:
+        return self.extractor.backbone_id(self.cfg.backbone.input_size)
 
     def save(self, epoch: int) -> list:
         """checkpoint-<epoch>.pth every save_every epochs (epoch 0 included) and checkpoint-last.pth at every
@@ -187,11 +190,6 @@ class Trainer:
         return names
 
 
-def backbone_record(cfg: Config, extractor: MultiLayerFeatures) -> dict:
-    return {"name": extractor.name, "identity": extractor.identity, "input_size": cfg.backbone.input_size,
-            "feature_dim": extractor.feature_dim, "indices": extractor.indices, "layers": extractor.layers}
-
-
 def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
                   features: Optional[torch.Tensor] = None,
                   extractor: Optional[MultiLayerFeatures] = None) -> Trainer:
@@ -211,8 +209,8 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
     diffusion = build_diffusion(cfg)
     for ck in (resumed, initial):
         if ck is not None:
-            check_against(ck, extractor.name, cfg.backbone.input_size, extractor.feature_dim, extractor.identity,
-                          diffusion, "the config")
+            check_against(ck, backbone=extractor.backbone_id(cfg.backbone.input_size), diffusion=diffusion,
+                          config_source="the config")
     dataset, cached = training_data(cfg, ctx, extractor, features)
     model, ema, optimizer, scaler = training_model(cfg, ctx, extractor.feature_dim, initial)
     start_epoch = restore(cfg, model, ema, optimizer, scaler, resumed)

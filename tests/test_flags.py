@@ -149,7 +149,9 @@ def test_one_backbone_id_for_checkpoints_cache_and_checks(trained):
     with pytest.raises(dataclasses.FrozenInstanceError):
         bid.input_size = 64
     # What training stored is this id's record, field for field.
-    assert load_checkpoint(str(trained.ckpt / "checkpoint-last.pth")).backbone == bid.record()
+    assert load_checkpoint(str(trained.ckpt / "checkpoint-last.pth")).backbone == bid.record() == {
+        "name": "efficientnet-lite0", "identity": extractor.identity, "input_size": 32, "feature_dim": 512,
+        "indices": [16, 40, 80, 192, 512], "layers": [0, 1, 2, 3, 4]}
     # The cache key follows the id: another input size or other weights is another file.
     ds = build_dataset("noise:uniform:4", "test", cfg.data_path, 32)
     key = cache_key(bid, ds, "test", "fp32", 8)
@@ -159,3 +161,25 @@ def test_one_backbone_id_for_checkpoints_cache_and_checks(trained):
     # The taps the LFDN uses select from the cached raw vector, so they do not change the key.
     assert cache_key(MultiLayerFeatures(cfg.backbone.name, layers=[4]).backbone_id(32), ds, "test", "fp32", 8) == key
     assert isinstance(bid, BackboneId)
+
+
+def test_the_headline_score_and_device_default_to_the_config(trained, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from utils.detector import DLSRDetector
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "a.png")
+    ckpt = str(trained.ckpt / "checkpoint-last.pth")
+    for extra, score in (((), "MFsim"), (("--opt", "eval.similarity_type=MSE"), "MSE")):
+        out = tmp_path / f"{score}.csv"
+        run_inprocess("predict.py", "--checkpoint", ckpt, "--images", str(folder), "--output", str(out), *extra)
+        assert json.loads(out.with_suffix(".json").read_text())["score"] == score
+    cfg = load_config(trained.config)
+    cfg.eval.similarity_type = "MSE"
+    det = DLSRDetector(cfg)
+    assert det.score == "MSE" and det.ctx.device.type == cfg.device == "cpu"

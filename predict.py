@@ -54,10 +54,13 @@ def config_in_use(argv):
     given = flag_values(argv, config=None, checkpoint=None)
     if given.config:
         return yaml_in_use(given.config)
-    try:
-        return config_from_dict(stored_config(given.checkpoint), source=given.checkpoint), given.checkpoint
-    except UserError:  # no --checkpoint, or one without a config: the run says what is wrong
-        return Config(), "built-in"
+    stored = stored_config(given.checkpoint)
+    if stored is not None:  # None: no --checkpoint, or one without a config (the run says what is wrong)
+        try:
+            return config_from_dict(stored, source=given.checkpoint), given.checkpoint
+        except UserError:  # an invalid stored config: loading the checkpoint reports it
+            pass
+    return Config(), "built-in"
 
 
 def main(argv=None) -> None:

@@ -248,12 +248,15 @@ def override(cfg: Config, key: str, value: Any, source: str = "command line") ->
 def validate(cfg: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
         value = value_at(cfg, key)
-        entries = value.items() if isinstance(value, dict) else \
-            ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else [("", value)]
+        if isinstance(value, dict):
+            entries = [(f".{name}", v) for name, v in value.items()]
+        elif isinstance(value, list):
+            entries = [(f"[{i}]", v) for i, v in enumerate(value)]
+        else:
+            entries = [("", value)]
         for where, v in entries:
             if v not in allowed:
-                sep = "." if isinstance(value, dict) else ""
-                raise UserError(f"{source}: {key}{sep}{where} must be one of {', '.join(allowed)}, got {v!r}")
+                raise UserError(f"{source}: {key}{where} must be one of {', '.join(allowed)}, got {v!r}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,

@@ -8,6 +8,15 @@ one way: entry scripts -> utils/ -> models/, datasets/ -> this module.
 class UserError(Exception):
     """Something the user can fix (a path, a file, a flag); the message says what and how."""
 
+    exit_code = 2
+
+
+class Preempted(UserError):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption) stopped the run after saving; the message says
+    how to resume. Exit status 143, as for a process ended by SIGTERM."""
+
+    exit_code = 143
+
 
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader worker re-raised it with a traceback."""

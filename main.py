@@ -8,17 +8,12 @@ Writes checkpoint-0.pth, checkpoint-<25k>.pth and checkpoint-last.pth, log.txt a
 """
 import argparse
 
-from utils.cli import (add_common_flags, add_config_flags, parse_with_config, resolve_config, run_entry,
-                       setup_logging, yaml_named_by)
+from utils.cli import (TRAIN_FLAGS, add_common_flags, add_config_flags, parse_with_config, resolve_config, run_entry,
+                       yaml_named_by)
 from utils.config import DEFAULT_CONFIG
 from utils.distributed import distributed_context
+from utils.progress import setup_logging
 from utils.training import train
-
-# The config keys this script takes as flags (the release's names; see utils/cli.py).
-TRAIN_FLAGS = ("train.dataset", "train.subset", "train.batch_size", "train.epochs", "train.accum_iter", "train.lr",
-               "train.blr", "train.min_lr", "train.cosine_lr", "train.warmup_epochs", "train.weight_decay",
-               "train.seed", "train.save_every", "output_dir", "log_dir", "train.cache_features")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the LFDN (DLSR) on ID features.")
@@ -39,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = resolve_config(args.config, args, TRAIN_FLAGS)
+    cfg = resolve_config(args.config, vars(args), TRAIN_FLAGS)
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)
         train(cfg, ctx, resume=args.resume, init_from=args.pre_ckpt_path, overwrite=args.overwrite)

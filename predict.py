@@ -8,22 +8,14 @@ The config comes from the checkpoint (ours store it); the authors' release check
 test set); it is computed once and kept beside the feature cache.
 """
 import argparse
-import json
-import logging
-import os
 
 from errors import UserError
-from utils.atomic import atomic_write_text
 from utils.checkpoint import config_of, load_checkpoint, stored_config
 from utils.cli import (SCORE_FLAGS, add_common_flags, add_config_flags, flag_values, parse_with_config,
-                       resolve_config, run_entry, setup_logging, yaml_in_use)
+                       resolve_config, run_entry, yaml_in_use)
 from utils.config import DEFAULT_CONFIG, Config, config_from_dict
-from utils.distributed import distributed_context
-from utils.evaluation import Scorer
-from utils.prediction import DEFAULT_TPR, calibrate, collect_files, predict_files
+from utils.prediction import DEFAULT_TPR, collect_files, run_prediction
 from utils.scores import SCORE_TYPES
-
-log = logging.getLogger("dlsr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,29 +61,10 @@ def main(argv=None) -> None:
         raise UserError(f"--tpr must be between 0 and 1 (exclusive), got {args.tpr}")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = resolve_config(config_of(ckpt, args.config, f"--config {DEFAULT_CONFIG} (or the config it was trained with)"),
-                         args, SCORE_FLAGS)
-    score = args.score or cfg.eval.similarity_type
-    source = args.config or args.checkpoint
-    files = collect_files(args.images)
-    with distributed_context(cfg.device) as ctx:
-        setup_logging(ctx.is_main)
-        scorer = Scorer.from_checkpoints(cfg, ctx, {"end": ckpt}, source)
-        calibration = calibrate(scorer, args.calibration or cfg.eval.dataset, args.tpr)
-        if ctx.is_main:
-            log.info("calibration (%s): %s on %d images of %s", calibration["from"],
-                     ", ".join(f"{t} <= {v:.6g}" for t, v in calibration["thresholds"].items()),
-                     calibration["images"], calibration["set"])
-        counts = predict_files(scorer, files, calibration["thresholds"], score, args.output)
-        if ctx.is_main:
-            summary = {"checkpoint": args.checkpoint, "score": score, "tpr": args.tpr,
-                       "thresholds": calibration["thresholds"],
-                       "calibration": {"set": calibration["set"], "images": calibration["images"]},
-                       "settings": {k: v for k, v in scorer.meta().items() if k not in ("checkpoints", "fpr95")},
-                       "counts": counts, "csv": args.output}
-            atomic_write_text(os.path.splitext(args.output)[0] + ".json", json.dumps(summary, indent=2))
-            print(f"{counts['scored']} scored, {counts['flagged']} flagged OOD, {counts['unreadable']} unreadable "
-                  f"({score} > {calibration['thresholds'][score]:.6g}: {args.tpr:g} of "
-                  f"{calibration['images']} {calibration['set']} images accepted) -> {args.output}")
+                         vars(args), SCORE_FLAGS)
+    run_prediction(cfg, ckpt, collect_files(args.images), args.output, tpr=args.tpr,
+                   score=args.score or cfg.eval.similarity_type, calibration_set=args.calibration or cfg.eval.dataset,
+                   config_source=args.config or args.checkpoint)
 
 
 if __name__ == "__main__":

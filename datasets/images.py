@@ -17,12 +17,29 @@ from PIL import Image
 from errors import UserError
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (a 16-bit PNG or TIFF) scaled to 8 bits by its high byte, as Pillow itself
+    reduces 16-bit RGB files; PIL's convert("RGB") would clip it to white instead. 32-bit integer
+    or float pixels (modes I and F) have no defined 8-bit scale: refused, with the reason."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise UserError(f"{kind} pixels (PIL mode {img.mode}) have no defined 8-bit scale; save the image with "
+                        f"8- or 16-bit channels")
+    return img
+
+
 def resized(img: Image.Image, size: int) -> np.ndarray:
-    """PIL image (L or RGB; other modes become RGB) -> uint8 (size, size[, 3]).
+    """PIL image (L or RGB; 16-bit grayscale scaled to 8 bits; other modes become RGB) -> uint8 (size, size[, 3]).
 
     What torchvision's Resize([size, size]) does to a PIL image (tests check it bit for bit),
     without importing torchvision in every worker.
     """
+    img = eight_bit(img)
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return np.array(img.resize((size, size), Image.BILINEAR))

@@ -47,6 +47,10 @@ def select_classes(ds: ImageSet, spec: str, class_list: str) -> ImageSet:
     """The images of ``ds`` whose class is in ``class_list`` ("0-4", "0,1,8", "cat,dog"), in dataset order."""
     if ds.labels is None:
         raise UserError(f"{spec} has no classes to select with @{class_list}")
+    if not ds.classes:
+        raise UserError(f"{spec}@{class_list}: the folder has no class subfolders (its images lie directly in it), "
+                        f"so there is no class to select; use {spec} without @{class_list}, or sort the images "
+                        f"into one subfolder per class")
     valid = ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes))
     wanted = set()
     for item in (x.strip() for x in class_list.split(",")):

@@ -95,23 +95,28 @@ def args_of(script, *argv):
     return parser_of(script).parse_args(list(argv))
 
 
+def vars_of(script, *argv) -> dict:
+    """The parsed flags by name, as the scripts hand them to resolve_config."""
+    return vars(args_of(script, *argv))
+
+
 def test_flags_set_their_config_keys(tiny):
     from main import TRAIN_FLAGS
 
     path = tiny.write(eval={"groups": {"gauss": "far"}})
-    cfg = resolve_config(path, args_of("main.py", "--no_cache", "--no_amp", "--channels_last", "--cosine_lr",
+    cfg = resolve_config(path, vars_of("main.py", "--no_cache", "--no_amp", "--channels_last", "--cosine_lr",
                                        "--subset", "12", "--lr", "0.5"), TRAIN_FLAGS)
     assert (cfg.train.cache_features, cfg.amp, cfg.channels_last, cfg.train.cosine_lr) == (False, False, True, True)
     assert (cfg.train.subset, cfg.train.lr) == (12, 0.5)
-    untouched = resolve_config(path, args_of("main.py"), TRAIN_FLAGS)
+    untouched = resolve_config(path, vars_of("main.py"), TRAIN_FLAGS)
     assert untouched == load_config(path)
 
     keys = (*EVAL_FLAGS, *SCORE_FLAGS)
-    cfg = resolve_config(path, args_of("test_LR.py", "--group", "photos=near", "--baselines", "knn, mahalanobis",
+    cfg = resolve_config(path, vars_of("test_LR.py", "--group", "photos=near", "--baselines", "knn, mahalanobis",
                                        "--knn_k", "1,7", "--batch_size", "5"), keys)
     assert cfg.eval.groups == {"gauss": "far", "photos": "near"}  # --group adds to the config's groups
     assert (cfg.eval.baselines, cfg.eval.knn_k, cfg.eval.batch_size) == (["knn", "mahalanobis"], [1, 7], 5)
-    cfg = resolve_config(path, args_of("test_LR.py", "--ood", "new=digits@3", "--baselines", ""), keys)
+    cfg = resolve_config(path, vars_of("test_LR.py", "--ood", "new=digits@3", "--baselines", ""), keys)
     assert cfg.eval.ood == {"new": "digits@3"} and cfg.eval.groups == {} and cfg.eval.baselines == []
     for argv, message in ((["--ood", "a=digits", "--ood", "a=photos:9"], "names 'a' twice"),
                           (["--ood", "nospec"], "--ood expects NAME=SPEC"),
@@ -119,7 +124,7 @@ def test_flags_set_their_config_keys(tiny):
                           (["--baselines", "knn,lof"], r"eval.baselines\[1\] must be one of knn, mahalanobis"),
                           (["--knn_k", "1,x"], "eval.knn_k should be")):
         with pytest.raises(UserError, match=message):
-            resolve_config(path, args_of("test_LR.py", *argv), keys)
+            resolve_config(path, vars_of("test_LR.py", *argv), keys)
     with pytest.raises(SystemExit):  # a choice outside the table is refused by the parser itself
         args_of("test_LR.py", "--indexing", "other")
 

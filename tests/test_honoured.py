@@ -104,7 +104,7 @@ def test_training_flags_reach_the_trainer(tiny_shared):
     main = importlib.import_module("main")
     parsed = main.parse_args(args)
     from utils.cli import resolve_config
-    cfg = resolve_config(parsed.config, parsed, main.TRAIN_FLAGS)
+    cfg = resolve_config(parsed.config, vars(parsed), main.TRAIN_FLAGS)
     cfg.train.cosine_lr = parsed.cosine_lr
     trainer = build_trainer(cfg, CPU)
     group = trainer.optimizer.param_groups[0]

@@ -65,10 +65,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tiny, monkeypatch):
     cfg = load_config(tiny.write(output_dir=str(tiny.tmp / "killed"), **settings))
     original = Trainer.train_one_epoch
 
-    def killed_at_epoch_2(self, epoch):
+    def killed_at_epoch_2(self, epoch, *args):
         if epoch == 2:
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(self, epoch, *args)
 
     monkeypatch.setattr(Trainer, "train_one_epoch", killed_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):

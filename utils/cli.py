@@ -4,32 +4,16 @@ import argparse
 import logging
 import sys
 import typing
-from contextlib import nullcontext
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
-from tqdm import tqdm
 
-from errors import UserError, one_line
+from errors import Preempted, UserError, one_line
 from utils.config import (CHOICES, DEFAULT_CONFIG, Config, field_of, field_type, load_config, non_null, override,
                           value_at)
 from utils.runtime import keep_freed_memory
 
 log = logging.getLogger("dlsr")
-
-
-class _TqdmHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def setup_logging(is_main: bool) -> None:
-    """Rank 0 logs INFO; other ranks only warnings and errors."""
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.propagate = False
 
 
 # The config keys each kind of script takes as flags. Name, type, help text and allowed values come
@@ -38,6 +22,9 @@ COMMON_FLAGS = ("data_path", "device", "cache_dir", "backbone.weights", "num_wor
                 "channels_last")
 SCORE_FLAGS = ("diffusion.subset_timesteps_num", "diffusion.eta", "diffusion.indexing", "eval.batch_size",
                "eval.seed", "eval.mfsim_layers")
+TRAIN_FLAGS = ("train.dataset", "train.subset", "train.batch_size", "train.epochs", "train.accum_iter", "train.lr",
+               "train.blr", "train.min_lr", "train.cosine_lr", "train.warmup_epochs", "train.weight_decay",
+               "train.seed", "train.save_every", "output_dir", "log_dir", "train.cache_features")
 EVAL_FLAGS = ("eval.dataset", "eval.ood", "eval.groups", "eval.similarity_type", "eval.fpr95", "eval.baselines",
               "eval.knn_k")
 
@@ -113,18 +100,18 @@ def yaml_in_use(path: str) -> Tuple[Config, str]:
         return Config(), f"built-in; {path} unreadable"
 
 
-def resolve_config(config: Union[str, Config], args: argparse.Namespace, keys: Sequence[str]) -> Config:
-    """Load the YAML (or take ``config`` as it is), then apply ``--opt KEY=VALUE`` and the flags of
-    COMMON_FLAGS and ``keys`` (flags win)."""
+def resolve_config(config: Union[str, Config], flags: Mapping[str, Any], keys: Sequence[str]) -> Config:
+    """Load the YAML (or take ``config`` as it is), then apply ``flags`` (the parsed flags by name,
+    ``vars(args)``): ``opt`` (KEY=VALUE items), then the flags of COMMON_FLAGS and ``keys`` (flags win)."""
     cfg = load_config(config) if isinstance(config, str) else config
-    for item in args.opt:
+    for item in flags.get("opt") or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--opt expects KEY=VALUE, got {item!r}")
         override(cfg, key.strip(), value)
     for key in (*COMMON_FLAGS, *keys):
         name = flag_name(key)
-        value = getattr(args, name, None)
+        value = flags.get(name)
         if value is None:
             continue
         origin = typing.get_origin(non_null(field_type(key)))
@@ -164,13 +151,17 @@ def _escape(text: str) -> str:
 
 
 def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> None:
-    """Run ``main``; a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    """Run ``main``; a UserError becomes one line on stderr and exit status 2 (143 for a preemption that
+    saved), Ctrl-C exit status 130."""
     keep_freed_memory()
     try:
         main(argv)
+    except Preempted as e:
+        print(f"stopped: {one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted; files already written are complete, nothing half-written was left", file=sys.stderr)
         sys.exit(130)
@@ -188,26 +179,3 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_features", action="store_true", help="also save features/NAME.npy (standardised vectors)")
     p.add_argument("--no_plots", action="store_true", help="skip the ROC and histogram PNGs")
     add_config_flags(p, SCORE_FLAGS)
-
-
-def run_evaluation(args: argparse.Namespace, checkpoints: Dict[str, str], default_output_dir: str) -> None:
-    """Score, write every output (rank 0), print the table."""
-    from utils.distributed import distributed_context
-    from utils.evaluation import Scorer
-    from utils.report import format_markdown, write_outputs
-
-    from utils.distributed import stop_unless_main_agrees
-    from utils.report import check_output_dir, output_lock
-
-    cfg = resolve_config(args.pretrained_ldm_cfg, args, (*EVAL_FLAGS, *SCORE_FLAGS))
-    out = args.output_dir or default_output_dir
-    with distributed_context(cfg.device) as ctx:
-        setup_logging(ctx.is_main)
-        stop_unless_main_agrees(lambda: check_output_dir(out, cfg.feature_cache_dir), ctx)
-        with output_lock(out) if ctx.is_main else nullcontext():
-            scorer = Scorer.from_checkpoints(cfg, ctx, checkpoints, args.pretrained_ldm_cfg)
-            result = scorer.evaluate(args.skip_missing, args.save_features)
-            if ctx.is_main:
-                write_outputs(result, out, args.save_features, plots=not args.no_plots)
-                print(format_markdown(result))
-                log.info("results written to %s", out)

@@ -76,6 +76,9 @@ class TrainConfig:
     accum_iter: int = setting(1, "gradient accumulation steps", metavar="N")
     ema_decay: float = setting(0.9999, "decay of the weights' exponential moving average (evaluation uses it)")
     save_every: int = setting(25, "also keep checkpoint-<epoch>.pth every this many epochs", metavar="N")
+    save_overhead: float = setting(0.03, "checkpoint-last.pth is refreshed after every epoch while writing it "
+                                   "costs at most this fraction of the training time (1: every epoch, whatever "
+                                   "it costs); a stop signal always saves")
     seed: int = setting(0, "seed of everything random in training")
     cache_features: bool = setting(True, "compute the frozen backbone's features once and cache them; false: "
                                    "run the backbone on every image every epoch, as the release (slow; for "
@@ -301,6 +304,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
         "train.weight_decay": (hp.weight_decay, 0.0, math.inf, False),
         "train.warmup_epochs": (hp.warmup_epochs, 0, math.inf, False),
         "train.ema_decay": (hp.ema_decay, 0.0, 1.0, True),
+        "train.save_overhead": (hp.save_overhead, 0.0, 1.0, True),
         "lfdn.dropout": (cfg.lfdn.dropout, 0.0, 1.0, False),
     }
     for key, (value, low, high, closed) in ranges.items():

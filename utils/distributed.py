@@ -4,6 +4,7 @@
 ``torchrun --nproc_per_node=N`` the same code runs N ranks (NCCL on GPUs, gloo on CPU).
 """
 import os
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -116,6 +117,12 @@ def broadcast_from(t: torch.Tensor, src: int, ctx: DistContext) -> torch.Tensor:
     buf = t.to(ctx.device).contiguous()
     dist.broadcast(buf, src)
     return buf
+
+
+def shared_token(ctx: DistContext) -> str:
+    """A random hex token, the same on every rank: names that two runs never share (part files)."""
+    token = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
+    return f"{int(broadcast_from(token, 0, ctx).item()):x}"
 
 
 def agree(ok: bool, ctx: DistContext) -> bool:

@@ -8,10 +8,11 @@ is drawn from a generator seeded by (seed, checkpoint role, the image's pixel di
 amount per image as the release draws: an image's noise does not depend on its set, its batch,
 the batch size, the order or the number of processes (docs/METHOD.md §5).
 """
+import copy
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Union
 
 import numpy as np
@@ -26,40 +27,17 @@ from models.lfdn import LFDN
 from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
-from utils.distributed import DistContext
+from utils.distributed import DistContext, distributed_context, stop_unless_main_agrees
 from utils.features import (Features, autocast, compute_mode, file_stem, image_batch_features, load_or_extract,
                             precision_tag)
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
-from utils.progress import progress
+from utils.progress import progress, setup_logging
+from utils.report import (ID_NAME, EvalResult, SetResult, check_output_dir, format_markdown, output_lock,
+                          write_outputs)
 from utils.scores import SCORE_TYPES, likelihood_regret, mfsim_score, mse_score
 
 log = logging.getLogger("dlsr")
-ID_NAME = "ID"
-
-
-@dataclass
-class SetResult:
-    name: str
-    spec: str
-    n: int = 0
-    scores: Dict[str, np.ndarray] = field(default_factory=dict)   # score field -> (n,)
-    features: Optional[np.ndarray] = None                          # (n, D) standardised, with --save_features
-    features_from: str = "missing"                                 # extracted | cache | missing
-    seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> Optional[float]:
-        return self.n / self.seconds if self.seconds > 0 else None
-
-
-@dataclass
-class EvalResult:
-    headline: str                       # the score field shown first, e.g. "MFsim" or "LR_MFsim"
-    fields: List[str]                   # every score field, in display order
-    sets: Dict[str, SetResult]          # ID first, then the OOD sets in config order
-    metrics: Dict[str, Dict[str, Optional[dict]]]  # field -> OOD name -> metrics (None: missing)
-    meta: dict
 
 
 def score_fields(roles: List[str], headline_type: str) -> List[str]:
@@ -106,6 +84,9 @@ class Scorer:
             raise UserError(f"the checkpoints come from different training runs "
                             f"({', '.join(f'{r}: {c.path} (run {c.run_id[:8]})' for r, c in ckpts.items())}); "
                             f"LR compares the first and the last checkpoint of one run")
+        for ck in ckpts.values():
+            check_backbone_name(ck, cfg, config_source)
+        cfg = with_training_set_of(cfg, ckpts, config_source, say=ctx.is_main)
         states = {role: c.backbone_state for role, c in ckpts.items() if c.backbone_state is not None}
         digests = {role: weights_digest(s) for role, s in states.items()}
         if len(set(digests.values())) > 1:
@@ -193,13 +174,12 @@ class Scorer:
 
     def fit_baselines(self) -> Optional[Baselines]:
         """The config's baselines fitted on the ID training features (from the cache training wrote,
-        or extracted once); None if none are asked for."""
+        or extracted once); None if none are asked for. The training set is the checkpoint's own
+        (``with_training_set_of``)."""
         cfg = self.cfg
         if not cfg.eval.baselines:
             return None
-        train_set = random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
-                                                cfg.download), cfg.train.subset)
-        feats = self.set_features(train_set, split="train", desc="baselines: ID training features")
+        feats = self.set_features(training_set(cfg), split="train", desc="baselines: ID training features")
         try:
             return Baselines(feats.z, cfg.eval.baselines, cfg.eval.knn_k)
         except ValueError as e:
@@ -252,6 +232,54 @@ class Scorer:
         }
 
 
+TRAINING_SET_KEYS = ("dataset", "subset")  # train.*: what the ID training set is
+
+
+def training_set(cfg: Config) -> ImageSet:
+    """The ID training set of ``cfg``: train.dataset (with its class filter), the seeded train.subset."""
+    return random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
+                                       cfg.download), cfg.train.subset)
+
+
+def with_training_set_of(cfg: Config, ckpts: Dict[str, LoadedCheckpoint], config_source: str,
+                         say: bool = True) -> Config:
+    """``cfg`` with the ID training set that the checkpoints were trained on (train.dataset and
+    train.subset of their stored config), so that whatever is fitted on training data (the
+    baselines) uses that set. Says so in one line where ``cfg`` names another; the authors' files
+    store no config, and then ``cfg``'s is used."""
+    stored = next((c.config["train"] for c in ckpts.values() if c.config and "train" in c.config), None)
+    if stored is None:
+        return cfg
+    theirs = {k: stored.get(k, getattr(cfg.train, k)) for k in TRAINING_SET_KEYS}
+    ours = {k: getattr(cfg.train, k) for k in TRAINING_SET_KEYS}
+    if theirs == ours:
+        return cfg
+    if say:
+        log.warning("%s sets the ID training set to %s, but the checkpoint was trained on %s: using the "
+                    "checkpoint's", config_source, _training_set_words(ours), _training_set_words(theirs))
+    cfg = copy.deepcopy(cfg)
+    for k, v in theirs.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def _training_set_words(train: dict) -> str:
+    size = "all images" if train["subset"] is None else f"a subset of {train['subset']}"
+    return f"{train['dataset']} ({size})"
+
+
+def check_backbone_name(ck: LoadedCheckpoint, cfg: Config, config_source: str) -> None:
+    """Refuse, before any backbone weights are looked for, a checkpoint of ours trained on another
+    backbone or input size than ``cfg`` names."""
+    trained = ck.backbone or {}
+    if trained.get("name") and (trained["name"], trained.get("input_size")) != (cfg.backbone.name,
+                                                                                cfg.backbone.input_size):
+        raise UserError(f"{ck.path} holds an LFDN trained on {trained['name']} features at "
+                        f"{trained.get('input_size')} px, but {config_source} uses {cfg.backbone.name} at "
+                        f"{cfg.backbone.input_size} px; pass the config it was trained with (or none: the "
+                        f"checkpoint stores its own)")
+
+
 def find_sets(cfg: Config, skip_missing: bool):
     """Build the ID test set and every OOD set before any computing; report all missing ones at once."""
     if ID_NAME in cfg.eval.ood:
@@ -283,3 +311,22 @@ def compute_metrics(sets: Dict[str, SetResult], fields: List[str], fpr95: str) -
         table[f] = {name: (ood_metrics(id_scores[f], s.scores[f], fpr95) if s.features_from != "missing" else None)
                     for name, s in sets.items() if name != ID_NAME}
     return table
+
+
+def run_evaluation(cfg: Config, checkpoints: Dict[str, str], output_dir: str, *, config_source: str,
+                   skip_missing: bool = False, save_features: bool = False, plots: bool = True) -> Optional[EvalResult]:
+    """The evaluation scripts' whole run: check and lock ``output_dir``, score the config's sets with
+    ``checkpoints`` ({role: path}), write every output (rank 0) and print the table. Returns the
+    result on rank 0."""
+    with distributed_context(cfg.device) as ctx:
+        setup_logging(ctx.is_main)
+        stop_unless_main_agrees(lambda: check_output_dir(output_dir, cfg.feature_cache_dir), ctx)
+        with output_lock(output_dir) if ctx.is_main else nullcontext():
+            scorer = Scorer.from_checkpoints(cfg, ctx, checkpoints, config_source)
+            result = scorer.evaluate(skip_missing, save_features)
+            if not ctx.is_main:
+                return None
+            write_outputs(result, output_dir, save_features, plots=plots)
+            print(format_markdown(result))
+            log.info("results written to %s", output_dir)
+            return result

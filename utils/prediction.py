@@ -11,7 +11,8 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Sequence
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +24,14 @@ from datasets.images import list_images, to_rgb_resized
 from errors import UserError
 from models.features import weights_digest
 from utils.atomic import atomic_file, atomic_write_text
-from utils.distributed import barrier, block_rows, broadcast_from, ranks_holding
+from utils.checkpoint import LoadedCheckpoint
+from utils.config import Config
+from utils.distributed import (barrier, block_rows, broadcast_from, distributed_context, ranks_holding, shared_token,
+                               stop_unless_main_agrees)
 from utils.evaluation import SCORE_TYPES, Scorer
 from utils.features import image_loader, precision_tag
-from utils.progress import progress
+from utils.progress import progress, setup_logging
+from utils.rundir import lock_beside, output_file_problem
 
 log = logging.getLogger("dlsr")
 DEFAULT_TPR = 0.95  # the fraction of ID calibration images a threshold accepts, unless told
@@ -149,7 +154,9 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
     # A chunk holds whole backbone and reconstruction batches, so that files go through both in the
     # same groups as the same folder does in test_mse_mfsim.py: the same scores to the bit.
     chunk = math.lcm(cfg.eval.batch_size, cfg.extract_batch_size)
-    part = f"{output}.part-{ctx.rank}"
+    token = shared_token(ctx)
+    parts = [f"{output}.part-{token}-{r}" for r in range(ctx.world_size)]  # this run's alone
+    part = parts[ctx.rank]
     mine = Subset(FileImages(files, cfg.backbone.input_size), block_rows(len(files), chunk, ctx.rank,
                                                                           ctx.world_size).tolist())
     loader = image_loader(mine, ctx, chunk, cfg.workers(ctx.cuda), collate_fn=_as_list)
@@ -174,7 +181,7 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
                     else:
                         w.writerow([name, "", "", "", err])
         barrier(ctx)
-        counts = _merge(files, chunk, ctx.world_size, output) if ctx.is_main else {}
+        counts = _merge(files, chunk, parts, output) if ctx.is_main else {}
         barrier(ctx)
     finally:
         if os.path.exists(part):
@@ -182,11 +189,11 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
     return counts
 
 
-def _merge(files: List[str], chunk: int, world: int, output: str) -> dict:
+def _merge(files: List[str], chunk: int, parts: List[str], output: str) -> dict:
     """Interleave the ranks' part files chunk by chunk into ``output`` (atomically); count the rows."""
-    n = len(files)
+    n, world = len(files), len(parts)
     counts = {"images": n, "scored": 0, "flagged": 0, "unreadable": 0}
-    readers = [open(f"{output}.part-{r}", newline="") for r in range(world)]
+    readers = [open(p, newline="") for p in parts]
     try:
         rows = [csv.reader(r) for r in readers]
         with atomic_file(output, "w") as out:
@@ -205,3 +212,33 @@ def _merge(files: List[str], chunk: int, world: int, output: str) -> dict:
         for r in readers:
             r.close()
     return counts
+
+
+def run_prediction(cfg: Config, ckpt: LoadedCheckpoint, files: List[str], output: str, *, tpr: float, score: str,
+                   calibration_set: str, config_source: str) -> Optional[dict]:
+    """predict.py's whole run: check and lock ``output``, calibrate on ``calibration_set``, score
+    ``files``, write the CSV and the summary JSON beside it (rank 0), print one line. Returns the
+    summary on rank 0."""
+    summary_path = os.path.splitext(output)[0] + ".json"
+    with distributed_context(cfg.device) as ctx:
+        setup_logging(ctx.is_main)
+        stop_unless_main_agrees(lambda: output_file_problem(output, "--output", summary_path), ctx)
+        with lock_beside(output, f"--output {output!r}") if ctx.is_main else nullcontext():
+            scorer = Scorer.from_checkpoints(cfg, ctx, {"end": ckpt}, config_source)
+            calibration = calibrate(scorer, calibration_set, tpr)
+            if ctx.is_main:
+                log.info("calibration (%s): %s on %d images of %s", calibration["from"],
+                         ", ".join(f"{t} <= {v:.6g}" for t, v in calibration["thresholds"].items()),
+                         calibration["images"], calibration["set"])
+            counts = predict_files(scorer, files, calibration["thresholds"], score, output)
+            if not ctx.is_main:
+                return None
+            summary = {"checkpoint": ckpt.path, "score": score, "tpr": tpr, "thresholds": calibration["thresholds"],
+                       "calibration": {"set": calibration["set"], "images": calibration["images"]},
+                       "settings": {k: v for k, v in scorer.meta().items() if k not in ("checkpoints", "fpr95")},
+                       "counts": counts, "csv": output}
+            atomic_write_text(summary_path, json.dumps(summary, indent=2))
+            print(f"{counts['scored']} scored, {counts['flagged']} flagged OOD, {counts['unreadable']} unreadable "
+                  f"({score} > {calibration['thresholds'][score]:.6g}: {tpr:g} of "
+                  f"{calibration['images']} {calibration['set']} images accepted) -> {output}")
+            return summary

@@ -1,4 +1,4 @@
-"""Evaluation outputs: results.md / .json / .csv, per-sample scores, optional features, plots.
+"""Evaluation results: their types (SetResult, EvalResult), and the outputs results.md / .json / .csv, per-sample scores, optional features, plots.
 
 scores/NAME.npy is a structured array with one float64 field per score (e.g. ``MFsim``, ``MSE``,
 or ``LR_MFsim``, ``first_MFsim``, ``end_MFsim`` ...), one row per image in dataset order:
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -17,11 +18,37 @@ import numpy as np
 from errors import UserError
 from utils.atomic import atomic_file, atomic_write_text, temp_name
 from utils.config import GROUPS
-from utils.evaluation import ID_NAME, EvalResult
 from utils.features import file_stem
-from utils.rundir import cause, check_writable, folder_lock, foreign_files, replace_folder
+from utils.rundir import cause, check_writable, foreign_files, lock_beside, replace_folder
 
 log = logging.getLogger("dlsr")
+ID_NAME = "ID"  # the ID test set's name among the scored sets
+
+
+@dataclass
+class SetResult:
+    name: str
+    spec: str
+    n: int = 0
+    scores: Dict[str, np.ndarray] = field(default_factory=dict)   # score field -> (n,)
+    features: Optional[np.ndarray] = None                          # (n, D) standardised, with --save_features
+    features_from: str = "missing"                                 # extracted | cache | missing
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> Optional[float]:
+        return self.n / self.seconds if self.seconds > 0 else None
+
+
+@dataclass
+class EvalResult:
+    headline: str                       # the score field shown first, e.g. "MFsim" or "LR_MFsim"
+    fields: List[str]                   # every score field, in display order
+    sets: Dict[str, SetResult]          # ID first, then the OOD sets in config order
+    metrics: Dict[str, Dict[str, Optional[dict]]]  # field -> OOD name -> metrics (None: missing)
+    meta: dict
+
+
 METRICS = ("AUROC", "FPR95", "AUPR_In", "AUPR_Out")
 LABELS = {"AUROC": "AUROC", "FPR95": "FPR95", "AUPR_In": "AUPR-In", "AUPR_Out": "AUPR-Out"}
 
@@ -128,8 +155,7 @@ def check_output_dir(output_dir: str, cache_dir: str) -> Optional[str]:
 
 def output_lock(output_dir: str):
     """A lock beside the output folder (the folder itself is replaced whole at the end)."""
-    parent, name = os.path.split(os.path.abspath(output_dir))
-    return folder_lock(os.path.join(parent, f".{name}.lock"), f"output folder {output_dir!r}")
+    return lock_beside(output_dir, f"output folder {output_dir!r}")
 
 
 def write_outputs(result: EvalResult, output_dir: str, save_features: bool = False, plots: bool = True) -> List[str]:

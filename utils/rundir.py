@@ -5,7 +5,7 @@ import fcntl
 import os
 import shutil
 from contextlib import contextmanager
-from typing import Iterable
+from typing import Iterable, Optional
 
 from errors import UserError
 from utils.atomic import temp_name
@@ -55,6 +55,26 @@ def folder_lock(lock_path: str, what: str):
         yield
     finally:
         os.close(fd)
+
+
+def lock_beside(path: str, what: str):
+    """``folder_lock`` on a hidden lock file beside ``path`` (``.NAME.lock``), for outputs that are
+    replaced whole (a results folder, a CSV), so the lock is not inside what gets replaced."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return folder_lock(os.path.join(parent, f".{name}.lock"), what)
+
+
+def output_file_problem(path: str, what: str, *companions: str) -> Optional[str]:
+    """Why the output file ``path`` (and its ``companions``, e.g. the JSON beside a CSV) cannot be
+    written, None if it can; its folder is created. Checked before any work."""
+    for p in (path, *companions):
+        if os.path.isdir(p):
+            return f"{what} {p!r} is a folder; name a file in it instead (e.g. {os.path.join(p, 'predictions.csv')!r})"
+    try:
+        check_writable(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def replace_folder(new: str, target: str) -> None:

@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -23,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from datasets import ImageSet, build_dataset, random_subset
-from errors import UserError
+from errors import Preempted, UserError
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
 from models.features import BackboneId, MultiLayerFeatures
 from models.lfdn import LFDN
-from utils.atomic import atomic_link
+from utils.atomic import atomic_link, atomic_write_text
 from utils.checkpoint import (
     LoadedCheckpoint,
     check_against,
@@ -40,6 +40,7 @@ from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier, stop_unless_main_agrees
 from utils.features import autocast, compute_mode, image_loader, load_or_extract, standardized_features
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
+from utils.preemption import StopRequest, stop_requests
 from utils.progress import progress
 from utils.rundir import cause, check_writable, folder_lock
 
@@ -85,6 +86,12 @@ class Trainer:
     cached: Optional[torch.Tensor]   # (N, D) standardised features on device, or None for the image path
     start_epoch: int = 0
     run_id: str = ""                 # stored in every checkpoint: test_LR.py refuses pairs from two runs
+    start_step: int = 0              # steps of start_epoch done before a stop signal (a resume inside it)
+    loss_sum: float = 0.0            # and the sum of their losses, for the epoch's log line
+    saves: Optional["SaveClock"] = None
+
+    def __post_init__(self):
+        self.saves = self.saves or SaveClock(self.cfg.train.save_overhead)
 
     def sampler(self, epoch: int) -> DistributedSampler:
         s = DistributedSampler(range(self.num_samples), num_replicas=self.ctx.world_size, rank=self.ctx.rank,
@@ -92,17 +99,17 @@ class Trainer:
         s.set_epoch(epoch)
         return s
 
-    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
-        """Standardised feature batches (b, D) of this rank, in the epoch's order."""
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Standardised feature batches (b, D) of this rank, in the epoch's order, from batch ``start_step`` on."""
         b = self.cfg.train.batch_size
-        sampler = self.sampler(epoch)
+        order = list(self.sampler(epoch))[start_step * b:]
         if self.cached is not None:
-            idx = torch.tensor(list(sampler), dtype=torch.long, device=self.ctx.device)
+            idx = torch.tensor(order, dtype=torch.long, device=self.ctx.device)
             for j in range(len(idx) // b):
                 yield self.cached[idx[j * b:(j + 1) * b]]
             return
         # The release's way: the frozen backbone runs on every image in every epoch.
-        loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=sampler, drop_last=True)
+        loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=order, drop_last=True)
         for images in loader:
             # The backbone's batch is extract_batch_size, as in extraction: the same speed per image.
             yield standardized_features(self.extractor, images, self.ctx, compute_mode(self.cfg, self.ctx),
@@ -115,9 +122,12 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return len(self.sampler(0)) // self.cfg.train.batch_size
 
-    def train_one_epoch(self, epoch: int) -> dict:
+    def train_one_epoch(self, epoch: int, start_step: int = 0, loss_sum: float = 0.0,
+                        stop: Optional[StopRequest] = None) -> dict:
+        """Steps ``start_step``.. of ``epoch`` (a resume inside an epoch passes the steps done and their
+        loss sum). ``stop`` is looked at after every optimiser step, the ranks agreeing on it; a stop
+        returns {"epoch", "interrupted": True, "step", "loss_sum"} with the weights after that step."""
         cfg, ctx = self.cfg, self.ctx
-        torch.manual_seed(epoch_seed(cfg.train.seed + ctx.rank, epoch))
         noise = torch.Generator(device=ctx.device)
         noise.manual_seed(epoch_seed(cfg.train.seed, epoch))
         steps, accum = self.steps_per_epoch(), cfg.train.accum_iter
@@ -125,16 +135,22 @@ class Trainer:
             raise UserError(f"{self.num_samples} training images give no full batch of "
                             f"{cfg.train.batch_size} x {ctx.world_size} process(es); lower --batch_size")
         base, world, rank = base_lr(cfg, ctx.world_size), ctx.world_size, ctx.rank
+        b, dim = cfg.train.batch_size, self.model.in_channels
+        for _ in range(start_step):  # the noise the steps done before a resume drew, so the next draws match
+            torch.randint(0, self.diffusion.timesteps, (world * b,), generator=noise, device=ctx.device)
+            torch.randn((world * b, dim), generator=noise, device=ctx.device)
         mode = compute_mode(cfg, ctx)
         self.net.train()
-        total, lr, start = torch.zeros((), device=ctx.device), 0.0, time.perf_counter()
-        bar = progress(self.batches(epoch), f"epoch {epoch}", ctx.is_main, total=steps, unit="step", leave=False)
-        for step, z0 in enumerate(bar):  # z0: (b, D)
+        total, lr, start = torch.tensor(loss_sum, device=ctx.device), 0.0, time.perf_counter()
+        bar = progress(self.batches(epoch, start_step), f"epoch {epoch}", ctx.is_main, total=steps - start_step,
+                       unit="step", leave=False)
+        for step, z0 in enumerate(bar, start=start_step):  # z0: (b, D)
+            # The global RNG (dropout) is seeded per step, so that a run resumed inside an epoch draws the same.
+            torch.manual_seed(epoch_seed(cfg.train.seed + ctx.rank, epoch) + step)
             if step % accum == 0:
                 lr = lr_at(cfg, base, epoch + step / steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            b, dim = z0.shape
             t = torch.randint(0, self.diffusion.timesteps, (world * b,), generator=noise, device=ctx.device)[rank::world]
             eps = torch.randn((world * b, dim), generator=noise, device=ctx.device)[rank::world]
             last_micro = (step + 1) % accum == 0 or step + 1 == steps
@@ -142,7 +158,10 @@ class Trainer:
             with sync:
                 with autocast(self.ctx, mode):
                     loss = self.diffusion.training_loss(self.net, z0, t, eps)
-                global_loss = all_reduce_mean(loss.detach(), ctx)
+                # One reduction carries the loss and whether any rank was asked to stop.
+                reduced = all_reduce_mean(torch.stack([loss.detach().float(), torch.tensor(
+                    float(bool(stop)), device=ctx.device)]), ctx)
+                global_loss, stop_asked = reduced[0], bool(reduced[1] > 0)
                 if not torch.isfinite(global_loss):
                     raise NonFiniteLoss(f"loss is {global_loss.item()} at epoch {epoch}, step {step}: stopping; "
                                         f"the last checkpoint written is left as it was")
@@ -155,39 +174,75 @@ class Trainer:
             total += global_loss
             if ctx.is_main and step % 20 == 0:
                 bar.set_postfix(loss=f"{global_loss.item():.4f}")
+            if last_micro and stop_asked and step + 1 < steps:
+                return {"epoch": epoch, "interrupted": True, "step": step + 1, "loss_sum": total.item()}
         seconds = time.perf_counter() - start
         return {"epoch": epoch, "loss": (total / steps).item(), "lr": lr, "steps": steps,
-                "samples_per_s": steps * cfg.train.batch_size * world / seconds, "seconds": seconds}
+                "samples_per_s": (steps - start_step) * b * world / seconds, "seconds": seconds}
 
-    def payload(self, epoch: int) -> dict:
+    def payload(self, epoch: int, in_progress: Optional[dict] = None) -> dict:
         return make_payload(model=self.model.state_dict(), ema=self.ema.state_dict(),
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
-                            config=config_to_dict(self.cfg), backbone=self.backbone, run_id=self.run_id)
+                            config=config_to_dict(self.cfg), backbone=self.backbone, run_id=self.run_id,
+                            in_progress=in_progress)
 
     @property
     def backbone(self) -> BackboneId:
         return self.extractor.backbone_id(self.cfg.backbone.input_size)
 
     def save(self, epoch: int) -> list:
-        """checkpoint-<epoch>.pth every save_every epochs (epoch 0 included) and checkpoint-last.pth at every
-        save and at the end; rank 0 writes, everyone waits."""
+        """After ``epoch``: checkpoint-<epoch>.pth every save_every epochs (epoch 0 included), and
+        checkpoint-last.pth with it, at the end, and after every other epoch while refreshing it
+        costs at most ``train.save_overhead`` of the time (``refresh_due``). Rank 0 writes, everyone waits."""
         cfg = self.cfg
         names = []
         if epoch % cfg.train.save_every == 0:
             names.append(f"checkpoint-{epoch}.pth")
-        if names or epoch + 1 == cfg.train.epochs:
+        if names or epoch + 1 == cfg.train.epochs or (self.ctx.is_main and self.saves.refresh_due()):
             names.append("checkpoint-last.pth")
         if self.ctx.is_main and names:
-            first = os.path.join(cfg.output_dir, names[0])
-            try:
-                save_checkpoint(self.payload(epoch), first)
-                for name in names[1:]:
-                    atomic_link(first, os.path.join(cfg.output_dir, name))
-            except OSError as e:
-                raise UserError(f"cannot write checkpoint {first!r}: {cause(e)}; the checkpoints written "
-                                f"before are left as they were") from None
+            self._write(self.payload(epoch), names)
         barrier(self.ctx)
         return names
+
+    def save_stopped(self, stats: dict) -> str:
+        """checkpoint-last.pth inside epoch ``stats["epoch"]`` after ``stats["step"]`` steps (a stop signal)."""
+        if self.ctx.is_main:
+            self._write(self.payload(stats["epoch"], {"step": stats["step"], "loss_sum": stats["loss_sum"]}),
+                        ["checkpoint-last.pth"])
+        barrier(self.ctx)
+        return os.path.join(self.cfg.output_dir, "checkpoint-last.pth")
+
+    def _write(self, payload: dict, names: list) -> None:
+        first = os.path.join(self.cfg.output_dir, names[0])
+        try:
+            with self.saves.timed():
+                save_checkpoint(payload, first)
+                for name in names[1:]:
+                    atomic_link(first, os.path.join(self.cfg.output_dir, name))
+        except OSError as e:
+            raise UserError(f"cannot write checkpoint {first!r}: {cause(e)}; the checkpoints written "
+                            f"before are left as they were") from None
+
+
+class SaveClock:
+    """When to refresh checkpoint-last.pth: while the last write took at most ``overhead`` of the
+    time since the write before it ended. An 86.7M LFDN's checkpoint (model, EMA, AdamW moments)
+    is about 1.4 GB; next to long epochs it is written after each one, next to short ones every
+    few epochs, so that saving never costs more than ``overhead`` of the run."""
+
+    def __init__(self, overhead: float):
+        self.overhead, self.last_end, self.last_seconds = overhead, time.perf_counter(), 0.0
+
+    def refresh_due(self) -> bool:
+        return self.overhead >= 1 or self.last_seconds <= self.overhead * (time.perf_counter() - self.last_end)
+
+    @contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        yield
+        self.last_end = time.perf_counter()
+        self.last_seconds = self.last_end - start
 
 
 def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
@@ -213,12 +268,12 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
                           config_source="the config")
     dataset, cached = training_data(cfg, ctx, extractor, features)
     model, ema, optimizer, scaler = training_model(cfg, ctx, extractor.feature_dim, initial)
-    start_epoch = restore(cfg, model, ema, optimizer, scaler, resumed)
+    start_epoch, start_step, loss_sum = restore(cfg, model, ema, optimizer, scaler, resumed)
     run_id = resumed.run_id if resumed is not None and resumed.run_id else uuid.uuid4().hex
     net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.cuda else None) \
         if ctx.distributed else model
     return Trainer(cfg, ctx, extractor, diffusion, model, net, ema, optimizer, scaler, dataset, cached, start_epoch,
-                   run_id)
+                   run_id, start_step, loss_sum)
 
 
 def training_data(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures,
@@ -255,10 +310,11 @@ def training_model(cfg: Config, ctx: DistContext, feature_dim: int, initial: Opt
     return model, EMA(model, hp.ema_decay), optimizer, scaler
 
 
-def restore(cfg: Config, model: LFDN, ema: EMA, optimizer, scaler, resumed: Optional[LoadedCheckpoint]) -> int:
-    """Load a run's state from its checkpoint; return the epoch to start from."""
+def restore(cfg: Config, model: LFDN, ema: EMA, optimizer, scaler, resumed: Optional[LoadedCheckpoint]):
+    """Load a run's state from its checkpoint; return (the epoch to start from, the steps of it already
+    done, their loss sum): (epoch + 1, 0, 0) after a finished epoch, (epoch, step, sum) inside one."""
     if resumed is None:
-        return 0
+        return 0, 0, 0.0
     _load_weights(model, resumed, "--resume")
     if resumed.ema is not None:
         ema.load_state_dict(resumed.ema)
@@ -267,7 +323,9 @@ def restore(cfg: Config, model: LFDN, ema: EMA, optimizer, scaler, resumed: Opti
         group["weight_decay"], group["betas"] = cfg.train.weight_decay, tuple(cfg.train.betas)
     if resumed.scaler:
         scaler.load_state_dict(resumed.scaler)
-    return resumed.epoch + 1
+    if resumed.in_progress:
+        return resumed.epoch, int(resumed.in_progress["step"]), float(resumed.in_progress["loss_sum"])
+    return resumed.epoch + 1, 0, 0.0
 
 
 def _load_weights(model: LFDN, ckpt: LoadedCheckpoint, flag: str) -> None:
@@ -317,27 +375,55 @@ def _output_problem(cfg: Config, resume: Optional[str], overwrite: bool) -> Opti
 
 def _run_epochs(trainer: Trainer) -> None:
     cfg, ctx = trainer.cfg, trainer.ctx
+    log_txt = os.path.join(cfg.log_folder, "log.txt")
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.log_folder, "config.yaml"))
-        log.info("LFDN %.2fM parameters; %d images, %d steps/epoch on %d process(es); epochs %d..%d",
+        keep_log_before(log_txt, trainer.start_epoch)
+        log.info("LFDN %.2fM parameters; %d images, %d steps/epoch on %d process(es); epochs %d..%d%s",
                  sum(p.numel() for p in trainer.model.parameters()) / 1e6, trainer.num_samples,
-                 trainer.steps_per_epoch(), ctx.world_size, trainer.start_epoch, cfg.train.epochs - 1)
+                 trainer.steps_per_epoch(), ctx.world_size, trainer.start_epoch, cfg.train.epochs - 1,
+                 f" (epoch {trainer.start_epoch} from step {trainer.start_step})" if trainer.start_step else "")
     writer = _tensorboard(cfg.log_folder) if ctx.is_main else None
     epochs = progress(range(trainer.start_epoch, cfg.train.epochs), "training", ctx.is_main, unit="epoch")
+    start_step, loss_sum = trainer.start_step, trainer.loss_sum
     try:
-        for epoch in epochs:
-            stats = trainer.train_one_epoch(epoch)
-            saved = trainer.save(epoch)
-            if ctx.is_main:
-                epochs.set_postfix(loss=f"{stats['loss']:.4f}")
-                with open(os.path.join(cfg.log_folder, "log.txt"), "a") as f:
-                    f.write(json.dumps({**stats, "saved": saved}) + "\n")
-                if writer is not None:
-                    writer.add_scalar("train/loss", stats["loss"], epoch)
-                    writer.add_scalar("train/lr", stats["lr"], epoch)
+        with stop_requests() as stop:
+            for epoch in epochs:
+                stats = trainer.train_one_epoch(epoch, start_step, loss_sum, stop)
+                start_step, loss_sum = 0, 0.0
+                if stats.get("interrupted"):
+                    path = trainer.save_stopped(stats)
+                    raise Preempted(f"{stop.name or 'a stop signal'} received: {path} holds epoch {epoch} up to "
+                                    f"step {stats['step']} of {trainer.steps_per_epoch()}; continue the run with the "
+                                    f"same command and --resume {path}")
+                saved = trainer.save(epoch)
+                if ctx.is_main:
+                    epochs.set_postfix(loss=f"{stats['loss']:.4f}")
+                    with open(log_txt, "a") as f:
+                        f.write(json.dumps({**stats, "saved": saved}) + "\n")
+                    if writer is not None:
+                        writer.add_scalar("train/loss", stats["loss"], epoch)
+                        writer.add_scalar("train/lr", stats["lr"], epoch)
     finally:
         if writer is not None:
             writer.close()
+
+
+def keep_log_before(path: str, epoch: int) -> None:
+    """Drop the lines of epochs >= ``epoch`` from log.txt: a resumed run writes them again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] < epoch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            kept.append(line)  # not ours: left alone
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def _tensorboard(log_dir: str):

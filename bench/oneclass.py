@@ -1,0 +1,164 @@
+"""The one-class benchmark on Fashion-MNIST, the protocol of the anomaly-detection literature: each
+class c in turn is ID, trained on its 6,000 training images, and tested on its 1,000 test images
+(ID) against the 9,000 test images of the other classes (OOD).
+
+    python bench/oneclass.py [--classes 6,8] [--output_dir oneclass_output] [--config config/fmnist_split.yaml]
+
+Methods, all on the same standardised features: DLSR's MFsim and MSE (the LFDN and training
+settings of --config, trained once per class, seed --seed), kNN with k = 1 and k = 2 (DN2's k)
+and Mahalanobis, fitted on the class's training features. The backbone runs once over the 70,000
+images (cached in the config's feature cache); each class's run is kept in
+<output_dir>/class-<c>.json, so a stopped run continues where it was. Writes oneclass.json (AUROC
+in percent per class and method, and the mean), oneclass.md and oneclass.csv.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from common import ROOT, SPLIT_CONFIG, record
+
+from datasets import build_dataset  # noqa: E402
+from utils.baselines import Baselines  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.distributed import DistContext  # noqa: E402
+from utils.evaluation import Scorer  # noqa: E402
+from utils.features import compute_mode, load_or_extract  # noqa: E402
+from utils.metrics import ood_metrics  # noqa: E402
+from utils.model_factory import build_extractor  # noqa: E402
+from utils.training import train  # noqa: E402
+
+DATASET = "fashion-mnist"
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+METHODS = ("MFsim", "MSE", "kNN_k1", "kNN_k2", "Mahalanobis")
+KNN_K = (1, 2)
+
+
+def oneclass_split(train_labels: np.ndarray, test_labels: np.ndarray, c: int):
+    """(indices of the training images of class c, bool mask of the test images that are ID = class c)."""
+    return np.flatnonzero(train_labels == c), test_labels == c
+
+
+def auroc_percent(scores: np.ndarray, id_mask: np.ndarray) -> float:
+    """AUROC in percent with OOD (``~id_mask``) as the positive class; higher score = more OOD."""
+    return 100 * ood_metrics(scores[id_mask], scores[~id_mask])["AUROC"]
+
+
+def class_scores(cfg, ctx: DistContext, extractor, train_z: torch.Tensor, test_z: torch.Tensor,
+                 test_keys: torch.Tensor, out_dir: str) -> Dict[str, np.ndarray]:
+    """Every method's score (higher = more OOD) of the test vectors, fitted on one class's training vectors."""
+    cfg.output_dir = os.path.join(out_dir, "checkpoint")
+    trainer = train(cfg, ctx, features=train_z, extractor=extractor, overwrite=True)
+    scorer = Scorer(cfg, ctx, trainer.extractor, trainer.diffusion, {"end": trainer.ema.module})
+    scores = scorer.scores(test_z, test_keys)
+    scores.update(Baselines(train_z, ["knn", "mahalanobis"], KNN_K).scores(test_z))
+    return scores
+
+
+def table(per_class: Dict[int, Dict[str, float]]) -> dict:
+    """{"classes": {c: {method: AUROC %}}, "mean": {method: mean over the classes}}."""
+    mean = {m: float(np.mean([r[m] for r in per_class.values()])) for m in METHODS}
+    return {"classes": {str(c): r for c, r in sorted(per_class.items())}, "mean": mean}
+
+
+def markdown(result: dict) -> str:
+    out = io.StringIO()
+    out.write("| class | " + " | ".join(METHODS) + " |\n|---|" + "---:|" * len(METHODS) + "\n")
+    for c, r in result["classes"].items():
+        out.write(f"| {c} {CLASSES[int(c)]} | " + " | ".join(f"{r[m]:.2f}" for m in METHODS) + " |\n")
+    out.write("| **mean** | " + " | ".join(f"**{result['mean'][m]:.2f}**" for m in METHODS) + " |\n")
+    return out.getvalue()
+
+
+def write_outputs(result: dict, out: str) -> None:
+    """oneclass.json, oneclass.md and oneclass.csv in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "oneclass.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "oneclass.md"), "w") as f:
+        f.write(markdown(result))
+    with open(os.path.join(out, "oneclass.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", *METHODS])
+        for c, r in result["classes"].items():
+            w.writerow([c, *(f"{r[m]:.4f}" for m in METHODS)])
+        w.writerow(["mean", *(f"{result['mean'][m]:.4f}" for m in METHODS)])
+
+
+def parse_classes(text: str) -> List[int]:
+    classes = sorted({int(c) for c in text.split(",") if c.strip()})
+    if not classes or not all(0 <= c < len(CLASSES) for c in classes):
+        raise SystemExit(f"--classes: give class indices in 0..{len(CLASSES) - 1}, e.g. 6,8; got {text!r}")
+    return classes
+
+
+def main(argv: Sequence[str] = None) -> None:
+    p = argparse.ArgumentParser(description="One-class Fashion-MNIST benchmark (DLSR vs kNN and Mahalanobis).")
+    p.add_argument("--classes", default=",".join(map(str, range(10))), help="ID classes to run (default: all 10)")
+    p.add_argument("--output_dir", default="oneclass_output")
+    p.add_argument("--config", default=SPLIT_CONFIG, help="backbone, LFDN and training settings (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--epochs", type=int, help="override train.epochs of --config")
+    p.add_argument("--data_path", help="override data_path of --config")
+    args = p.parse_args(argv)
+    classes = parse_classes(args.classes)
+    out = os.path.join(ROOT, args.output_dir)
+    cfg = load_config(os.path.join(ROOT, args.config))
+    cfg.device, cfg.train.seed = "cpu", args.seed
+    cfg.train.epochs = args.epochs or cfg.train.epochs
+    cfg.data_path = args.data_path or cfg.data_path
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    start = time.perf_counter()
+    extractor = build_extractor(cfg)
+    sets = {split: build_dataset(DATASET, split, cfg.data_path, cfg.backbone.input_size, cfg.download)
+            for split in ("train", "test")}
+    feats = {split: load_or_extract(extractor, ds, split, ctx, cache_dir=cfg.feature_cache_dir,
+                                    input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
+                                    num_workers=cfg.workers(False), mode=compute_mode(cfg, ctx),
+                                    desc=f"{DATASET} {split} features") for split, ds in sets.items()}
+    extract_s = time.perf_counter() - start
+    print(f"features: {extract_s:.0f} s", flush=True)
+    per_class, seconds = {}, {}
+    for c in classes:
+        done = os.path.join(out, f"class-{c}.json")
+        key = {"config": args.config, "seed": args.seed, "epochs": cfg.train.epochs}
+        if os.path.isfile(done):
+            with open(done) as f:
+                kept = json.load(f)
+            if kept.get("key") == key:
+                per_class[c], seconds[c] = kept["auroc"], kept["seconds"]
+                print(f"class {c}: kept from {done}", flush=True)
+                continue
+        t0 = time.perf_counter()
+        train_idx, id_mask = oneclass_split(sets["train"].labels, sets["test"].labels, c)
+        scores = class_scores(cfg, ctx, extractor, feats["train"].z[train_idx], feats["test"].z, feats["test"].keys,
+                              os.path.join(out, f"class-{c}"))
+        per_class[c] = {m: auroc_percent(scores[m], id_mask) for m in METHODS}
+        seconds[c] = time.perf_counter() - t0
+        with open(done, "w") as f:
+            json.dump({"key": key, "auroc": per_class[c], "seconds": seconds[c]}, f, indent=2)
+        print(f"class {c} ({CLASSES[c]}): " + ", ".join(f"{m} {v:.2f}" for m, v in per_class[c].items())
+              + f" ({seconds[c]:.0f} s)", flush=True)
+    result = table(per_class)
+    result["settings"] = {"config": args.config, "seed": args.seed, "epochs": cfg.train.epochs,
+                          "backbone": cfg.backbone.name, "input_size": cfg.backbone.input_size,
+                          "feature_seconds": extract_s, "class_seconds": {str(c): s for c, s in seconds.items()},
+                          "wall_seconds": time.perf_counter() - start}
+    write_outputs(result, out)
+    print(markdown(result))
+    record(f"One-class Fashion-MNIST (bench/oneclass.py, classes {','.join(map(str, classes))})",
+           [(m, f"{result['mean'][m]:.2f}") for m in METHODS]
+           + [("wall time, s", f"{time.perf_counter() - start:.0f} (features {extract_s:.0f})")],
+           f"mean AUROC in percent over the classes; {args.config}, {cfg.train.epochs} epochs, seed {args.seed}; "
+           f"per class in {args.output_dir}/oneclass.md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

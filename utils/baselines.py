@@ -38,13 +38,21 @@ class Baselines:
             if max(self.ks) > len(train):
                 raise ValueError(f"kNN with k = {max(self.ks)} needs at least that many training features, "
                                  f"got {len(train)}")
-            self.bank = F.normalize(train.float(), dim=1)  # (N, D)
+            self.train = train.float()  # (N, D), for the exact distances of the candidates
+            self.bank = F.normalize(train.double(), dim=1).float()  # (N, D), for ranking
         if "mahalanobis" in self.names:
             from sklearn.covariance import LedoitWolf
             x = train.double().cpu().numpy()
             fit = LedoitWolf().fit(x)
             self.mean = torch.from_numpy(fit.location_).to(train.device)  # (D,)
             self.precision = torch.from_numpy(fit.precision_).to(train.device)  # (D, D)
+
+    def to(self, device: torch.device) -> "Baselines":
+        """Move the fitted state (the kNN bank, the Gaussian) to ``device``."""
+        for name in ("train", "bank", "mean", "precision"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def scores(self, z: torch.Tensor) -> Dict[str, np.ndarray]:
         out = {}
@@ -56,13 +64,17 @@ class Baselines:
         return out
 
     def _knn(self, z: torch.Tensor) -> Dict[str, np.ndarray]:
-        q = F.normalize(z.float(), dim=1)  # (M, D)
-        kmax, chunk = max(self.ks), max(1, CHUNK_ELEMENTS // len(self.bank))
+        """Candidates ranked by float32 cosine similarity (one matmul per chunk), then their distances
+        recomputed in float64: 2 - 2 cos in float32 would put near-duplicates ~5e-4 apart instead of 0."""
+        q = F.normalize(z.double(), dim=1)  # (M, D)
+        kmax, (n, dim) = max(self.ks), self.bank.shape
+        chunk = max(1, min(CHUNK_ELEMENTS // n, CHUNK_ELEMENTS // (kmax * dim)))
         kth = {k: [] for k in self.ks}
         for i in range(0, len(q), chunk):
-            sims = q[i:i + chunk] @ self.bank.T  # (c, N) cosine similarities
-            top = sims.topk(kmax, dim=1).values  # (c, kmax), descending
+            qc = q[i:i + chunk]  # (c, D)
+            top = (qc.float() @ self.bank.T).topk(kmax, dim=1).indices  # (c, kmax) nearest by similarity
+            near = F.normalize(self.train[top].double(), dim=2)  # (c, kmax, D)
+            dist = (near - qc[:, None, :]).norm(dim=2).sort(dim=1).values  # (c, kmax), ascending
             for k in self.ks:
-                # unit vectors: |a - b|^2 = 2 - 2 cos(a, b)
-                kth[k].append((2 - 2 * top[:, k - 1].double()).clamp(min=0).sqrt())
+                kth[k].append(dist[:, k - 1])
         return {f"kNN_k{k}": torch.cat(v).cpu().numpy() if v else np.zeros(0) for k, v in kth.items()}

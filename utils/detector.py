@@ -1,33 +1,141 @@
-"""The Python API, in pytorch-ood's fit / predict shape. ``from utils.detector import DLSRDetector``.
+"""The Python API: DLSR and the same-feature baselines as detectors in pytorch-ood's shape.
 
     detector = DLSRDetector.from_checkpoint("checkpoint/checkpoint-last.pth")
     detector.calibrate(id_loader)              # thresholds accepting 95% of these ID images
-    scores = detector.predict(images)          # (B,) headline score, higher = more OOD
+    scores = detector(images)                  # (B,) headline score, higher = more OOD
     flags = detector.is_ood(images)            # (B,) bool, at the calibrated threshold
 
-Training goes through the same trainer as ``main.py`` (checkpoints into ``cfg.output_dir``); scoring
-through the same engine as the evaluation scripts and ``predict.py``, so an image gets the same
-scores from all of them.
+    knn = KNNDetector("config/demo.yaml", k=1).fit(train_loader)   # the baseline, on the same features
+
+Where pytorch-ood is installed, every detector here is a ``pytorch_ood.api.FeaturesDetector``,
+so ``Benchmark.evaluate(detector)`` and ``OODMetrics`` take it unchanged. Images come as the
+ecosystem gives them (``as_uint8_images``): uint8 arrays or tensors, float tensors in [0, 1]
+from torchvision's ``ToTensor``, DataLoader ``(x, y)`` batches, PIL images or file paths.
+
+DLSR trains through the same trainer as ``main.py`` (checkpoints into ``cfg.output_dir``) and
+scores through the same engine as the evaluation scripts and ``predict.py``, so an image gets the
+same scores from all of them; the baselines are the evaluation tables' own code (``Baselines``).
 """
 import os
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 from datasets.images import resize_batch, to_rgb_resized
+from models.features import MultiLayerFeatures
+from utils.baselines import Baselines
 from utils.checkpoint import config_of, load_checkpoint
 from utils.config import DEFAULT_CONFIG, Config, load_config
 from utils.distributed import DistContext, resolve_device
 from utils.evaluation import SCORE_TYPES, Scorer
-from utils.features import digest64
+from utils.features import compute_mode, digest64, image_batch_features
+from utils.model_factory import build_extractor
 from utils.prediction import DEFAULT_TPR, thresholds_at
+from utils.training import train
 
-Images = Union[torch.Tensor, np.ndarray, list]
+try:  # pytorch-ood is optional: without it the detectors work the same, as plain classes
+    from pytorch_ood.api import FeaturesDetector as _Base
+except ImportError:
+    _Base = object
+
+Images = Union[torch.Tensor, np.ndarray, list, tuple]
+ACCEPTED = ("uint8 images (B, H, W[, 3]) or one (H, W[, 3]); uint8 or float (B, C, H, W) or one (C, H, W) with "
+            "C = 1 or 3, floats in [0, 1] as torchvision's ToTensor gives them; an (x, y) batch of a DataLoader; "
+            "or a list of PIL images, file paths or single images")
 
 
-class DLSRDetector:
+class FeatureDetector(_Base):
+    """What every detector here shares: the config and device, images -> standardised features,
+    calibration and verdicts. Subclasses fit and score features (``fit_features`` /
+    ``predict_features``); higher score = more OOD."""
+
+    requires_fit = True
+
+    def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, device: Optional[str] = None):
+        self.cfg = load_config(config) if isinstance(config, str) else config
+        self.ctx = DistContext(0, 1, 0, resolve_device(device or self.cfg.device))
+        self.extractor: Optional[MultiLayerFeatures] = None
+        self.thresholds: Optional[Dict[str, float]] = None
+        self.score = ""  # the headline score type, set by the subclass
+
+    # ------------------------------------------------------------------ images in
+
+    def fit(self, loader: Iterable):
+        """Fit on ID images: ``loader`` yields image batches in any accepted form (labels ignored)."""
+        z = [self._features(batch)[0] for batch in loader]
+        if not z:
+            raise ValueError(f"{type(self).__name__}.fit: the loader gave no images")
+        return self.fit_features(torch.cat(z))
+
+    def predict(self, images: Images, all_scores: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Scores of a batch of images (see ``as_uint8_images`` for the forms): the headline score (B,),
+        or every score type by name."""
+        z, keys = self._features(images)
+        return self.predict_features(z, keys=keys, all_scores=all_scores)
+
+    def features(self, images: Images):
+        """(standardised vectors (B, D) on the device, image keys (B,)) of a batch of images."""
+        return self._features(images)
+
+    def calibrate(self, loader: Iterable, tpr: float = DEFAULT_TPR) -> Dict[str, float]:
+        """Thresholds that accept a fraction ``tpr`` of the ID images in ``loader``; sets ``self.thresholds``."""
+        if not 0 < tpr < 1:
+            raise ValueError(f"tpr must be between 0 and 1 (exclusive), got {tpr}")
+        parts = [self.predict(batch, all_scores=True) for batch in loader]
+        if not parts:
+            raise ValueError(f"{type(self).__name__}.calibrate: the loader gave no images")
+        scores = {t: torch.cat([p[t] for p in parts]).numpy() for t in parts[0]}
+        self.thresholds = thresholds_at(scores, tpr)
+        return self.thresholds
+
+    def is_ood(self, images: Images) -> torch.Tensor:
+        """(B,) bool: the headline score above its calibrated threshold."""
+        if self.thresholds is None:
+            raise RuntimeError(f"{type(self).__name__}: call calibrate(loader) before is_ood()")
+        return self.predict(images) > self.thresholds[self.score]
+
+    def __call__(self, images: Images) -> torch.Tensor:
+        """``predict(images)``, as pytorch-ood's detectors are called."""
+        return self.predict(images)
+
+    def to(self, device: Union[str, torch.device]) -> "FeatureDetector":
+        """Move the detector (backbone, networks, fitted state) to ``device``."""
+        self.ctx = DistContext(0, 1, 0, torch.device(device))
+        if self.extractor is not None:
+            self.extractor.to(self.ctx.device)
+        return self
+
+    # ------------------------------------------------------------------ helpers
+
+    def _extractor(self) -> MultiLayerFeatures:
+        if self.extractor is None:
+            self.extractor = build_extractor(self.cfg).to(self.ctx.device)
+        return self.extractor
+
+    def _features(self, images: Images):
+        batch = as_uint8_images(images, self.cfg.backbone.input_size)
+        return image_batch_features(self._extractor(), batch, self.ctx, compute_mode(self.cfg, self.ctx),
+                                    self.cfg.extract_batch_size)
+
+    def _checked(self, z: torch.Tensor, width: int, what: str) -> torch.Tensor:
+        """``z`` as float32 (N, width) on the device, or a ValueError in the user's terms."""
+        z = torch.as_tensor(z)
+        if z.dim() != 2 or z.shape[1] != width:
+            raise ValueError(f"{type(self).__name__}.{what}: expected standardised feature vectors (N, {width}) "
+                             f"(the width of {self.cfg.backbone.name}'s features), got shape {tuple(z.shape)}")
+        if len(z) == 0:
+            raise ValueError(f"{type(self).__name__}.{what}: no feature vectors given (shape {tuple(z.shape)})")
+        bad = (~torch.isfinite(z)).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{type(self).__name__}.{what}: {len(bad)} feature vector(s) hold NaN or inf (rows "
+                             f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}); they cannot be "
+                             f"scored, nor counted as in-distribution")
+        return z.to(self.ctx.device, torch.float32)
+
+
+class DLSRDetector(FeatureDetector):
     """Unsupervised OOD detector: train on ID images (or features), score new ones. Higher = more OOD.
 
     ``config``: a YAML path or a ``Config``; ``device`` (auto, cpu, cuda, cuda:N) and ``score`` (the
@@ -36,13 +144,12 @@ class DLSRDetector:
 
     def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, device: Optional[str] = None,
                  score: Optional[str] = None):
-        self.cfg = load_config(config) if isinstance(config, str) else config
+        super().__init__(config, device)
         self.score = score or self.cfg.eval.similarity_type
         if self.score not in SCORE_TYPES:
             raise ValueError(f"score must be one of {SCORE_TYPES}, got {score!r}")
-        self.ctx = DistContext(0, 1, 0, resolve_device(device or self.cfg.device))
         self.scorer: Optional[Scorer] = None
-        self.thresholds: Optional[Dict[str, float]] = None
+        self._wrote: Optional[str] = None  # the output folder this detector's last fit wrote
 
     @classmethod
     def from_checkpoint(cls, path: str, config: Union[str, Config, None] = None, device: Optional[str] = None,
@@ -52,64 +159,39 @@ class DLSRDetector:
         det = cls(config_of(ckpt, config, f"config={DEFAULT_CONFIG!r} (or the config it was trained with)"),
                   device, score)
         det.scorer = Scorer.from_checkpoints(det.cfg, det.ctx, {"end": ckpt}, path)
+        det.extractor = det.scorer.extractor
         return det
 
-    # ------------------------------------------------------------------ training
-
-    def fit(self, loader: Iterable) -> "DLSRDetector":
-        """Train on ID images: ``loader`` yields image batches (see ``predict`` for the forms accepted)."""
-        from utils.model_factory import build_extractor
-        extractor = build_extractor(self.cfg).to(self.ctx.device)
-        z = torch.cat([self._features(batch, extractor)[0] for batch in loader])
-        return self.fit_features(z, extractor)
-
-    def fit_features(self, z: torch.Tensor, extractor=None) -> "DLSRDetector":
-        """Train on standardised ID feature vectors z (N, D), through the trainer of ``main.py``."""
-        from utils.training import train
-        trainer = train(self.cfg, self.ctx, features=z, extractor=extractor)
+    def fit_features(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> "DLSRDetector":
+        """Train on standardised ID feature vectors x (N, D) through the trainer of ``main.py``
+        (pytorch-ood's ``fit_features(x, y)``; the labels are not used)."""
+        z = self._checked(x, self._extractor().feature_dim, "fit_features")
+        # A refit replaces this detector's own checkpoints; another run's are refused, as main.py does.
+        refit = self._wrote == os.path.abspath(self.cfg.output_dir)
+        trainer = train(self.cfg, self.ctx, features=z, extractor=self.extractor, overwrite=refit)
+        self._wrote = os.path.abspath(self.cfg.output_dir)
         self.scorer = Scorer(self.cfg, self.ctx, trainer.extractor, trainer.diffusion, {"end": trainer.ema.module})
         self.thresholds = None
         return self
 
-    # ------------------------------------------------------------------ scoring
-
-    def predict(self, images: Images, all_scores: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Scores of a batch of images: uint8 (B, H, W[, 3]) array or tensor (resized to the config's size),
-        or a list of PIL images or file paths. Returns the headline score (B,), or all scores."""
-        z, keys = self.features(images)
-        return self.predict_features(z, keys, all_scores)
-
-    def features(self, images: Images):
-        """(standardised vectors (B, D) on the device, image keys (B,)) of a batch of images."""
-        return self._features(images)
-
-    def predict_features(self, z: torch.Tensor, keys: Optional[torch.Tensor] = None,
+    def predict_features(self, x: torch.Tensor, keys: Optional[torch.Tensor] = None,
                          all_scores: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Scores of standardised vectors z (B, D). ``keys`` (B,) int64 seed each vector's noise (the
+        """Scores of standardised vectors x (B, D). ``keys`` (B,) int64 seed each vector's noise (the
         image digests that ``predict`` uses); by default a digest of each vector's own bytes does."""
         scorer = self._ready()
-        z = z.to(self.ctx.device, torch.float32)
+        z = self._checked(x, scorer.extractor.feature_dim, "predict_features")
         if keys is None:
             keys = torch.tensor([digest64(row) for row in z.cpu().numpy()], dtype=torch.int64)
         scores = {t: torch.from_numpy(v) for t, v in scorer.scores(z, keys).items()}
         return scores if all_scores else scores[self.score]
 
-    def calibrate(self, loader: Iterable, tpr: float = DEFAULT_TPR) -> Dict[str, float]:
-        """Thresholds that accept a fraction ``tpr`` of the ID images in ``loader``; sets ``self.thresholds``."""
-        if not 0 < tpr < 1:
-            raise ValueError(f"tpr must be between 0 and 1, got {tpr}")
-        parts = [self.predict(batch, all_scores=True) for batch in loader]
-        scores = {t: torch.cat([p[t] for p in parts]).numpy() for t in SCORE_TYPES}
-        self.thresholds = thresholds_at(scores, tpr)
-        return self.thresholds
-
-    def is_ood(self, images: Images) -> torch.Tensor:
-        """(B,) bool: the headline score above its calibrated threshold."""
-        if self.thresholds is None:
-            raise RuntimeError("DLSRDetector: call calibrate(loader) before is_ood()")
-        return self.predict(images) > self.thresholds[self.score]
-
-    # ------------------------------------------------------------------ helpers
+    def to(self, device: Union[str, torch.device]) -> "DLSRDetector":
+        super().to(device)
+        if self.scorer is not None:
+            self.scorer.ctx = self.ctx
+            for model in self.scorer.models.values():
+                model.to(self.ctx.device)
+        return self
 
     def _ready(self) -> Scorer:
         if self.scorer is None:
@@ -117,33 +199,146 @@ class DLSRDetector:
                                "DLSRDetector.from_checkpoint(path) before predicting")
         return self.scorer
 
-    def _features(self, images: Images, extractor=None):
-        size = self.cfg.backbone.input_size
-        batch = _as_uint8_batch(images, size)
-        if extractor is None:
-            return self._ready().image_features(batch)
-        from utils.features import compute_mode, image_batch_features
-        return image_batch_features(extractor, batch, self.ctx, compute_mode(self.cfg, self.ctx),
-                                    self.cfg.extract_batch_size)
+
+class _BaselineDetector(FeatureDetector):
+    """A same-feature baseline of the evaluation tables (docs/METHOD.md §7a) as a detector: fitted on
+    ID features, one score per vector (``Baselines``, the code behind the tables)."""
+
+    name = ""
+
+    def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, device: Optional[str] = None,
+                 ks: Sequence[int] = ()):
+        super().__init__(config, device)
+        self.ks = list(ks)
+        self.baselines: Optional[Baselines] = None
+
+    def fit_features(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        """Fit on standardised ID feature vectors x (N, D); the labels are not used."""
+        z = self._checked(x, self._extractor().feature_dim, "fit_features")
+        self.baselines = Baselines(z, [self.name], self.ks)
+        self.thresholds = None
+        return self
+
+    def predict_features(self, x: torch.Tensor, keys: Optional[torch.Tensor] = None,
+                         all_scores: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Scores of standardised vectors x (B, D); ``keys`` is accepted for symmetry with DLSR and unused."""
+        if self.baselines is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(loader) or fit_features(z) first")
+        z = self._checked(x, self._extractor().feature_dim, "predict_features")
+        scores = {t: torch.from_numpy(np.asarray(v)) for t, v in self.baselines.scores(z).items()}
+        return scores if all_scores else scores[self.score]
+
+    def to(self, device: Union[str, torch.device]):
+        super().to(device)
+        if self.baselines is not None:
+            self.baselines.to(self.ctx.device)
+        return self
 
 
-def _as_uint8_batch(images: Images, size: int) -> torch.Tensor:
-    """Any accepted image batch -> uint8 (B, size, size[, 3]), resized as every image of the project is."""
+class KNNDetector(_BaselineDetector):
+    """kNN: the distance of the L2-normalised feature vector to its k-th nearest L2-normalised ID
+    training vector (Sun et al., ICML 2022). Score type ``kNN_k<k>``."""
+
+    name = "knn"
+
+    def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, k: int = 1, device: Optional[str] = None):
+        if int(k) < 1:
+            raise ValueError(f"k must be a positive integer, got {k}")
+        super().__init__(config, device, [int(k)])
+        self.score = f"kNN_k{int(k)}"
+
+
+class MahalanobisDetector(_BaselineDetector):
+    """The squared Mahalanobis distance to one Gaussian fitted on the ID training vectors (Ledoit-Wolf
+    shrinkage). Score type ``Mahalanobis``."""
+
+    name = "mahalanobis"
+
+    def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, device: Optional[str] = None):
+        super().__init__(config, device)
+        self.score = "Mahalanobis"
+
+
+# ---------------------------------------------------------------------- images as the ecosystem gives them
+
+def as_uint8_images(images: Images, size: int) -> torch.Tensor:
+    """Any accepted image batch -> uint8 (B, size, size[, 3]), resized as every image of the project is.
+
+    Accepted (``ACCEPTED``): uint8 (B, H, W), (B, H, W, 3) or (B, C, H, W); one uint8 image (H, W) or
+    (H, W, 3); float tensors or arrays (B, C, H, W) or one (C, H, W) with C = 1 or 3 and values in
+    [0, 1] (torchvision's ToTensor: converted back to the same uint8 pixels, so they score as the
+    uint8 image does); ``(x, y)`` / ``[x, y]`` DataLoader batches (y ignored); lists of PIL images,
+    file paths or single images. Anything else is a ValueError naming what was received.
+    """
     if isinstance(images, (list, tuple)):
-        out = []
-        for im in images:
-            if isinstance(im, (str, os.PathLike)):
-                with Image.open(im) as opened:
-                    opened.load()
-                    out.append(to_rgb_resized(opened, size))
-            elif isinstance(im, Image.Image):
-                out.append(to_rgb_resized(im, size))
-            else:
-                out.append(_as_uint8_batch(torch.as_tensor(np.asarray(im))[None], size)[0])
-        return torch.stack(out) if out else torch.empty(0, size, size, 3, dtype=torch.uint8)
-    arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] != 3):
-        raise ValueError(f"expected uint8 images (B, H, W) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
+        if _is_pair(images):
+            return as_uint8_images(images[0], size)
+        if not images:
+            raise ValueError("no images given (an empty list)")
+        return torch.stack([_one_image(im, size) for im in images])
+    if not isinstance(images, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"cannot read images from a {type(images).__name__}; accepted: {ACCEPTED}")
+    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    arr = _channels_last_uint8(arr)
+    if len(arr) == 0:
+        raise ValueError(f"no images given (a batch of shape {tuple(images.shape)})")
     if arr.shape[1:3] != (size, size):
         arr = resize_batch(arr, size)
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _is_pair(items) -> bool:
+    """A DataLoader (x, y) batch: an image batch and one integer (or string) label per image."""
+    if len(items) != 2 or not isinstance(items[0], (torch.Tensor, np.ndarray)) or items[0].ndim < 3:
+        return False
+    y = items[1].cpu().numpy() if isinstance(items[1], torch.Tensor) else np.asarray(items[1])
+    return y.ndim == 1 and len(y) == len(items[0]) and y.dtype.kind in "iubU"
+
+
+def _one_image(im, size: int) -> torch.Tensor:
+    """A path, a PIL image or one array image -> uint8 (size, size, 3)."""
+    if isinstance(im, (str, os.PathLike)):
+        with Image.open(im) as opened:
+            opened.load()
+            return to_rgb_resized(opened, size)
+    if isinstance(im, Image.Image):
+        return to_rgb_resized(im, size)
+    if isinstance(im, (torch.Tensor, np.ndarray)):
+        one = as_uint8_images(im, size)
+        if len(one) != 1:
+            raise ValueError(f"a list item holds {len(one)} images (shape {tuple(im.shape)}); give a list of "
+                             f"single images, or the batch itself")
+        out = one[0]
+        return out if out.dim() == 3 else out[..., None].expand(size, size, 3)
+    raise ValueError(f"cannot read an image from a {type(im).__name__} in the list; accepted: {ACCEPTED}")
+
+
+def _channels_last_uint8(arr: np.ndarray) -> np.ndarray:
+    """uint8 or [0, 1] float images in an accepted layout -> uint8 (B, H, W) or (B, H, W, 3)."""
+    shape = tuple(arr.shape)
+    if arr.dtype.kind == "f":
+        if arr.ndim == 3 and shape[0] in (1, 3):
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+            raise ValueError(f"float images must be (B, C, H, W) or (C, H, W) with C = 1 or 3 (torchvision's "
+                             f"ToTensor layout), got shape {shape}; accepted: {ACCEPTED}")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
+            hint = (" (they look normalised, e.g. by Normalize(mean, std): pass the images before normalising; "
+                    "the backbone normalises them itself)" if np.isfinite(lo) and np.isfinite(hi) and lo < 0 else "")
+            raise ValueError(f"float images must hold values in [0, 1] (ToTensor's range); got {arr.dtype} "
+                             f"{shape} with values in [{lo:.4g}, {hi:.4g}]{hint}")
+        arr = np.rint(arr * 255.0).astype(np.uint8)  # ToTensor divided uint8 by 255: this undoes it exactly
+        return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1]; got {arr.dtype} {shape}; "
+                         f"accepted: {ACCEPTED}")
+    if arr.ndim == 2:  # one grayscale image
+        return arr[None]
+    if arr.ndim == 3:  # one RGB image (H, W, 3), or a batch of grayscale images (B, H, W)
+        return arr[None] if shape[-1] == 3 else arr
+    if arr.ndim == 4 and shape[-1] == 3:
+        return arr
+    if arr.ndim == 4 and shape[1] in (1, 3):  # channels first, e.g. PILToTensor
+        return arr[:, 0] if shape[1] == 1 else arr.transpose(0, 2, 3, 1)
+    raise ValueError(f"cannot read uint8 images of shape {shape}; accepted: {ACCEPTED}")

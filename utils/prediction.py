@@ -104,7 +104,7 @@ def calibration_key(scorer: Scorer, spec: str, dataset, tpr: float) -> dict:
 
 def thresholds_at(scores: Dict[str, np.ndarray], tpr: float) -> Dict[str, float]:
     """Per score type, the threshold that accepts (score <= threshold) a fraction ``tpr`` of these ID scores."""
-    return {t: float(np.quantile(scores[t], tpr)) for t in SCORE_TYPES}
+    return {t: float(np.quantile(s, tpr)) for t, s in scores.items()}
 
 
 def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:

@@ -1,0 +1,248 @@
+"""The detectors in the field's own tooling: the input forms torchvision gives (ToTensor floats,
+DataLoader (x, y) batches), pytorch-ood's Detector contract and Benchmark, the baselines as
+detectors with the evaluation tables' scores, and the error messages for inputs we cannot read."""
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from datasets.registry import DEBIAN_FASHION_MNIST
+from tests.helpers import run_inprocess
+from utils.detector import DLSRDetector, KNNDetector, MahalanobisDetector, as_uint8_images
+
+pytorch_ood = pytest.importorskip("pytorch_ood")
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
+                                  reason="Debian's dataset-fashion-mnist is not installed")
+
+
+def digits_uint8():
+    return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+
+
+class Labelled(Dataset):
+    """A torchvision-style dataset: (ToTensor image (1, H, W) float in [0, 1], int label)."""
+
+    def __init__(self, images: np.ndarray, labels):
+        self.images, self.labels = images, list(labels)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i]).float().div(255)[None], self.labels[i]
+
+
+@pytest.fixture(scope="module")
+def detector(trained):
+    return DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+
+
+def test_totensor_floats_and_uint8_images_get_equal_scores(detector):
+    digits = digits_uint8()[:40]
+    floats = torch.from_numpy(digits).float().div(255)[:, None]  # (B, 1, 8, 8), as ToTensor gives them
+    rgb = np.repeat(digits[..., None], 3, axis=-1)
+    rgb_floats = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255  # (B, 3, 8, 8)
+    reference = detector.predict(digits)
+    assert torch.equal(detector.predict(floats), reference)
+    assert torch.equal(detector.predict(rgb_floats), reference)  # gray as RGB: the same image, the same key
+    assert torch.equal(detector(digits), reference)  # pytorch-ood's call form
+
+
+def test_one_image_without_a_batch_axis_gets_one_score(detector):
+    digits = digits_uint8()
+    rgb = np.repeat(digits[7][..., None], 3, axis=-1)  # (8, 8, 3): one image, not 8 grayscale ones
+    one = detector.predict(rgb)
+    assert one.shape == (1,) and torch.equal(one, detector.predict(digits[7:8]))
+    assert torch.equal(detector.predict(digits[7]), one)  # (H, W)
+    chw = torch.from_numpy(digits[7]).float().div(255)[None]  # one ToTensor image (1, H, W)
+    assert torch.equal(detector.predict(chw), one)
+
+
+def test_a_dataloader_of_xy_pairs_fits_calibrates_and_predicts(trained, tmp_path):
+    from utils.config import load_config
+    cfg = load_config(trained.config)
+    cfg.output_dir, cfg.train.epochs = str(tmp_path / "api"), 1
+    digits = digits_uint8()
+    labels = load_digits().target
+    loader = DataLoader(Labelled(digits[:512], labels[:512]), batch_size=128)
+    x, y = next(iter(loader))
+    assert x.dtype == torch.float32 and x.shape == (128, 1, 8, 8) and y.shape == (128,)
+    det = DLSRDetector(cfg, device="cpu").fit(loader)
+    held_out = DataLoader(Labelled(digits[512:1012], labels[512:1012]), batch_size=100)
+    th = det.calibrate(held_out, tpr=0.9)
+    scores = torch.cat([det.predict(b) for b in held_out])
+    assert float((scores <= th["MFsim"]).float().mean()) == pytest.approx(0.9, abs=0.01)
+    assert torch.equal(det.predict([x, y]), det.predict(x))  # a list pair is a pair too
+    noise = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert det.is_ood((noise, torch.zeros(6, dtype=torch.long))).all()
+
+
+def test_detector_is_a_pytorch_ood_detector(detector):
+    from pytorch_ood.api import Detector, FeaturesDetector
+    assert isinstance(detector, Detector) and isinstance(detector, FeaturesDetector)
+    assert isinstance(KNNDetector(), Detector) and isinstance(MahalanobisDetector(), Detector)
+    import inspect
+    assert list(inspect.signature(DLSRDetector.fit_features).parameters)[:3] == ["self", "x", "y"]
+
+
+def test_fit_features_takes_labels_and_refit_clears_the_thresholds(detector, trained, tmp_path):
+    from utils.config import load_config
+    cfg = load_config(trained.config)
+    cfg.output_dir, cfg.train.epochs = str(tmp_path / "refit"), 1
+    z, _ = detector.features(digits_uint8()[:256])
+    det = DLSRDetector(cfg, device="cpu").fit_features(z, torch.zeros(256, dtype=torch.long))
+    det.calibrate([digits_uint8()[256:600]])
+    assert det.thresholds is not None
+    det.fit_features(z)
+    assert det.thresholds is None
+    with pytest.raises(RuntimeError, match="calibrate"):
+        det.is_ood(digits_uint8()[:2])
+
+
+def test_wrong_inputs_get_messages_in_the_users_terms(detector):
+    digits = digits_uint8()
+    cases = [
+        (torch.randn(2, 3, 8, 8), "values in \\[.*look normalised"),
+        (torch.rand(2, 4, 8, 8), "C = 1 or 3"),
+        (digits.astype(np.int64)[:2], "must be uint8 .* or float in \\[0, 1\\]; got int64"),
+        ([], "no images given"),
+        (np.zeros((0, 8, 8), np.uint8), "no images given"),
+        ({"x": 1}, "cannot read images from a dict"),
+        ([1.5], "cannot read an image from a float"),
+    ]
+    for images, message in cases:
+        with pytest.raises(ValueError, match=message):
+            detector.predict(images)
+    with pytest.raises(ValueError, match="the loader gave no images"):
+        detector.calibrate([])
+    z, keys = detector.features(digits[:4])
+    with pytest.raises(ValueError, match=f"expected standardised feature vectors \\(N, {z.shape[1]}\\).*\\(4, 5\\)"):
+        detector.predict_features(z[:, :5])
+    bad = z.clone()
+    bad[1, 0], bad[3, 2] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 feature vector\\(s\\) hold NaN or inf \\(rows 1, 3\\)"):
+        detector.predict_features(bad)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        KNNDetector(k=0)
+
+
+def test_predict_features_with_keys_equals_predict_and_without_keys_differs(detector):
+    digits = digits_uint8()[:64]
+    z, keys = detector.features(digits)
+    with_keys = detector.predict_features(z, keys)
+    assert torch.equal(with_keys, detector.predict(digits))
+    without = detector.predict_features(z)  # noise seeded by the vectors' bytes, not the images'
+    assert without.shape == (64,) and not torch.equal(without, with_keys)
+    assert torch.equal(without, detector.predict_features(z.clone()))
+
+
+def independent_knn(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
+    a = train / np.linalg.norm(train, axis=1, keepdims=True)
+    b = test / np.linalg.norm(test, axis=1, keepdims=True)
+    d = np.sqrt(np.maximum(((b[:, None, :] - a[None]) ** 2).sum(-1), 0))
+    return np.sort(d, axis=1)[:, k - 1]
+
+
+def test_baseline_detectors_equal_the_evaluation_tables_scores(trained, tmp_path):
+    from datasets import build_dataset, random_subset
+    out = tmp_path / "eval"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--baselines", "knn,mahalanobis", "--knn_k", "1,3",
+                  "--no_plots", "--save_features", "--output_dir", str(out))
+    table = np.load(out / "scores" / "ID.npy")
+    train_set = random_subset(build_dataset("digits", "train", "", 32), 256)  # the run's training set
+    loader = DataLoader(train_set, batch_size=128)  # whole backbone batches, as the feature cache has them
+    knn = KNNDetector(trained.config, k=3, device="cpu").fit(loader)
+    maha = MahalanobisDetector(trained.config, device="cpu").fit(loader)
+    test_set = build_dataset("digits", "test", "", 32)
+    images = torch.stack([test_set[i] for i in range(len(test_set))])
+    np.testing.assert_allclose(knn.predict(images).numpy(), table["kNN_k3"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maha.predict(images).numpy(), table["Mahalanobis"], rtol=1e-4, atol=1e-4)
+    # and kNN itself, recomputed independently on the saved features
+    z_test = np.load(out / "features" / "ID.npy")
+    z_train = knn.features(torch.stack([train_set[i] for i in range(len(train_set))]))[0].numpy()
+    np.testing.assert_allclose(table["kNN_k1"], independent_knn(z_train, z_test, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_dlsr_next_to_knn_in_a_few_lines(detector):
+    digits = digits_uint8()
+    knn = KNNDetector(detector.cfg, k=1, device="cpu").fit([digits[:1000]])
+    noise = np.random.default_rng(1).integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    for det in (detector, knn):
+        s_id, s_ood = det(digits[1000:1500]).numpy(), det(noise).numpy()
+        auroc = roc_auc_score(np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))], np.r_[s_id, s_ood])
+        assert auroc > 0.9, type(det).__name__
+
+
+def _fmnist_torchvision_layout(root) -> str:
+    """Debian's Fashion-MNIST files unpacked into torchvision's FashionMNIST/raw layout."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for name in os.listdir(DEBIAN_FASHION_MNIST):
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
+                open(os.path.join(raw, name[:-3]), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return root
+
+
+class Relabelled(Dataset):
+    def __init__(self, base, label):
+        self.base, self.label = base, label
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], self.label
+
+
+@needs_fmnist
+def test_pytorch_ood_benchmark_gives_the_evaluation_scripts_auroc(trained, detector, tmp_path):
+    import torchvision
+    from pytorch_ood.benchmark import Benchmark
+    from torchvision.transforms import ToTensor
+
+    root = _fmnist_torchvision_layout(str(tmp_path / "tv"))
+
+    class FashionShirt(Benchmark):
+        """ID: Fashion-MNIST classes 0-4; OOD: shirt (class 6), labelled -1."""
+        ood_names = ["shirt"]
+
+        def __init__(self):
+            self.test = torchvision.datasets.FashionMNIST(root, train=False, transform=ToTensor())
+
+        def train_set(self):
+            train = torchvision.datasets.FashionMNIST(root, train=True, transform=ToTensor())
+            return Subset(train, np.flatnonzero(train.targets.numpy() < 5))
+
+        def test_sets(self, known=True, unknown=True):
+            labels = self.test.targets.numpy()
+            id_set = Subset(self.test, np.flatnonzero(labels < 5))
+            shirt = Relabelled(Subset(self.test, np.flatnonzero(labels == 6)), -1)
+            return [ConcatDataset([id_set, shirt])]
+
+    result = FashionShirt().evaluate(detector, loader_kwargs={"batch_size": 256})
+    out = tmp_path / "eval"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--dataset", "fashion-mnist@0-4",
+                  "--ood", "shirt=fashion-mnist@6", "--no_plots", "--output_dir", str(out))
+    ours = json.loads((out / "results.json").read_text())["metrics"]["MFsim"]["shirt"]["AUROC"]
+    assert result[0]["Dataset"] == "shirt"
+    assert result[0]["AUROC"] == pytest.approx(ours, abs=0.0005)  # 0.05 AUROC points
+
+
+def test_as_uint8_images_conversions_by_hand():
+    gray = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    assert as_uint8_images(gray, 4).shape == (1, 4, 4)
+    assert as_uint8_images(np.stack([gray, gray]), 4).shape == (2, 4, 4)
+    chw = torch.from_numpy(np.stack([gray, gray + 1, gray + 2]))[None]  # uint8 (1, 3, H, W), PILToTensor's layout
+    assert torch.equal(as_uint8_images(chw, 4)[0, 1, 2], torch.tensor([6, 7, 8], dtype=torch.uint8))
+    floats = chw.float() / 255
+    assert torch.equal(as_uint8_images(floats, 4), as_uint8_images(chw, 4))

@@ -1,6 +1,7 @@
 # make demo: install, then train + evaluate the embedded offline demo (Fashion-MNIST vs digits/photos/noise)
 # make test: install, then run the test suite
 # make benchmark: install, then the offline near/far benchmark, 3 training seeds (config/fmnist_split.yaml)
+# make benchmark-oneclass: install, then the one-class Fashion-MNIST benchmark (bench/oneclass.py, all 10 classes)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo_output
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo fashion-mnist bench benchmark flags clean
+.PHONY: install test demo fashion-mnist bench benchmark benchmark-oneclass mutate flags clean
 
 install: $(STAMP)
 
@@ -43,6 +44,9 @@ flags: install
 benchmark: install fashion-mnist
 	$(PY) bench/benchmark.py
 
+benchmark-oneclass: install fashion-mnist
+	$(PY) bench/oneclass.py --output_dir oneclass_output
+
 bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
@@ -50,4 +54,4 @@ bench: install
 	$(PY) bench/bench_memory.py
 
 clean:
-	rm -rf $(DEMO) benchmark_output
+	rm -rf $(DEMO) benchmark_output oneclass_output

@@ -98,6 +98,7 @@ class GaussianDiffusion:
             eps_hat = (x / math.sqrt(abar[s]) - x0_hat) / math.sqrt(1 / abar[s] - 1)
             sigma = self._sigma(eta, a, a_prev)
             pred = (x - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
+            # DDIM's update, Eq. 12 of Song et al. (ICLR 2021); sigma is their Eq. 16 times eta (docs/METHOD.md §5)
             x = math.sqrt(a_prev) * pred + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps_hat
             if sigma > 0:
                 x = x + sigma * randn()

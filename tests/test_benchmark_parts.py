@@ -10,7 +10,7 @@ from PIL import Image
 from datasets import build_dataset
 from tests.helpers import run_inprocess
 from utils.baselines import Baselines
-from utils.errors import UserError
+from errors import UserError
 from utils.report import summary_rows
 
 

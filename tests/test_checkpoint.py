@@ -13,7 +13,7 @@ from utils.checkpoint import (
     make_payload,
     save_checkpoint,
 )
-from utils.errors import UserError
+from errors import UserError
 
 
 def lite0(input_size: int, digest: str) -> BackboneId:

@@ -5,7 +5,7 @@ import yaml
 
 from tests.helpers import ROOT
 from utils.config import Config, config_from_dict, config_to_dict, load_config, override
-from utils.errors import UserError
+from errors import UserError
 
 
 @pytest.mark.parametrize("name", ["Config", "Config_paper", "Config_resnet50", "demo"])

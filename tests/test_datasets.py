@@ -9,7 +9,7 @@ from PIL import Image
 from datasets import build_dataset, build_datasets, random_subset
 from datasets.images import ArrayImages, SubsetImages, resize_batch, resized
 from datasets.registry import DEBIAN_FASHION_MNIST, read_idx_images
-from utils.errors import UserError, one_line
+from errors import UserError, one_line
 
 
 def save_images(folder, n, size=(20, 30), start=0):

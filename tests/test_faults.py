@@ -17,7 +17,7 @@ from datasets import build_dataset
 from tests.helpers import run_inprocess
 from utils.atomic import atomic_torch_save
 from utils.checkpoint import load_checkpoint, weights_checksum
-from utils.errors import UserError
+from errors import UserError
 from utils.rundir import check_writable
 
 

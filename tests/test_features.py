@@ -8,7 +8,7 @@ from torch import nn
 from datasets.images import ArrayImages, to_rgb_resized
 from models.features import BACKBONES, MultiLayerFeatures, standardize
 from utils.distributed import DistContext
-from utils.errors import UserError
+from errors import UserError
 from utils.features import extract_features
 
 

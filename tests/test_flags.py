@@ -1,5 +1,5 @@
 """The flags are made from the config: names, types, help and allowed values come from its fields,
---help shows the values of the config in use, and the README's tables are those of the parsers."""
+--help shows the values of the config in use, and the flag tables of docs/USAGE.md are those of the parsers."""
 import ast
 import dataclasses
 import os
@@ -14,13 +14,15 @@ from tests.helpers import ROOT, run_inprocess
 from utils.checkpoint import load_checkpoint
 from utils.cli import COMMON_FLAGS, EVAL_FLAGS, SCORE_FLAGS, resolve_config
 from utils.config import CHOICES, field_of, field_type, load_config
-from utils.errors import UserError
+from errors import UserError
 from utils.features import cache_key
-from utils.flag_docs import SCRIPTS, parser_of, rewrite
+from utils.flag_docs import SCRIPTS, USAGE, parser_of, rewrite
 
 TORCHRUN = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port", "--max_restarts",
             "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id"}
-RELEASE_ONLY = {"--ldm_steps"}  # named where the README says what the release did with it
+RELEASE_ONLY = {"--ldm_steps"}  # named where the docs say what the release did with it
+SLURM = {"--signal"}  # sbatch's, in docs/OPERATIONS.md
+DOCS = ("README.md", "docs/USAGE.md", "docs/OPERATIONS.md")
 
 
 def config_actions(script):
@@ -33,19 +35,20 @@ def help_line(text: str, flag: str) -> str:
     return " ".join(entry.split())
 
 
-def test_the_readme_tables_are_the_parsers_tables():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+def test_the_usage_tables_are_the_parsers_tables():
+    with open(os.path.join(ROOT, USAGE)) as f:
+        usage = f.read()
     for script in SCRIPTS:
-        assert f"<!-- flags: {script} -->" in readme, script
-    assert rewrite(readme) == readme, "README flag tables are stale: run python -m utils.flag_docs"
+        assert f"<!-- flags: {script} -->" in usage, script
+    assert rewrite(usage) == usage, "docs/USAGE.md's flag tables are stale: run python -m utils.flag_docs"
 
 
-def test_every_flag_the_readme_names_exists():
-    with open(os.path.join(ROOT, "README.md")) as f:
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_flag_the_docs_name_exists(doc):
+    with open(os.path.join(ROOT, doc)) as f:
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", f.read()))
     ours = {s for script in SCRIPTS for a in parser_of(script)._actions for s in a.option_strings}
-    assert named - ours - TORCHRUN - RELEASE_ONLY == set()
+    assert named - ours - TORCHRUN - RELEASE_ONLY - SLURM == set()
 
 
 def test_each_config_flag_is_made_from_its_field():

@@ -14,7 +14,7 @@ from datasets import build_dataset, random_subset
 from tests.helpers import ROOT, run_inprocess
 from utils.config import load_config
 from utils.detector import DLSRDetector
-from utils.errors import UserError
+from errors import UserError
 from utils.evaluation import Scorer
 from utils.prediction import collect_files
 
@@ -204,12 +204,19 @@ def test_fit_features_trains_like_main(trained, tmp_path):
         assert torch.allclose(ours[k], main[k], rtol=1e-4, atol=1e-6), k
 
 
-def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+def test_the_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """The three Python examples of the README, in order, as a reader would paste them."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    code = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "config").symlink_to(os.path.join(ROOT, "config"))
-    monkeypatch.chdir(tmp_path)  # the example writes into my_detector/ beside its config/
-    exec(compile(code, "README example", "exec"), {"__name__": "__main__"})
-    flags = capsys.readouterr().out.strip().splitlines()[-1]
-    assert flags.startswith("tensor([True") and "False" not in flags
+    monkeypatch.chdir(tmp_path)  # the examples write into my_detector/ beside their config/
+    namespace = {"__name__": "__main__"}
+    for tag in ("api-example", "pytorch-ood-example", "knn-example"):
+        code = re.search(rf"<!-- {tag} -->\s*```python\n(.*?)```", readme, re.S).group(1)
+        exec(compile(code, f"README {tag}", "exec"), namespace)
+    out = capsys.readouterr().out.strip().splitlines()
+    flags = next(line for line in out if line.startswith("tensor([True"))
+    assert "False" not in flags
     assert (tmp_path / "my_detector" / "checkpoint-last.pth").is_file()
+    aurocs = {line.rsplit(" AUROC ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in out if " AUROC " in line}
+    assert set(aurocs) == {"DLSR", "kNN k=1", "Mahalanobis"}
+    assert all(0.9 < v <= 1.0 for v in aurocs.values()), aurocs

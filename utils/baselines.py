@@ -1,5 +1,5 @@
-"""Baseline OOD scores on the same standardised features as DLSR (higher = more OOD), fitted on the
-ID training features:
+"""Baseline OOD scores on the same standardised features as DLSR (docs/METHOD.md §7a; higher = more
+OOD), fitted on the ID training features:
 
 - kNN (Sun et al., ICML 2022): the Euclidean distance of the L2-normalised vector to its k-th nearest
   L2-normalised ID training vector.
@@ -7,7 +7,7 @@ ID training features:
   with Ledoit-Wolf shrinkage of the covariance.
 
 Both work a chunk of test vectors at a time, so memory stays bounded (a chunk x N_train matrix of
-at most ~64 MB) however large the sets are.
+at most ~64 MB) however large the test set is; bench/bench_scale.py measures them at CIFAR-10 scale.
 """
 from typing import Dict, Sequence
 
@@ -59,19 +59,22 @@ class Baselines:
         if "knn" in self.names:
             out.update(self._knn(z))
         if "mahalanobis" in self.names:
-            d = z.double() - self.mean  # (M, D)
-            out["Mahalanobis"] = ((d @ self.precision) * d).sum(dim=1).cpu().numpy()
+            chunk = max(1, CHUNK_ELEMENTS // (4 * z.shape[1]))
+            parts = []
+            for i in range(0, len(z), chunk):
+                d = z[i:i + chunk].double() - self.mean  # (c, D)
+                parts.append(((d @ self.precision) * d).sum(dim=1))
+            out["Mahalanobis"] = torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
         return out
 
     def _knn(self, z: torch.Tensor) -> Dict[str, np.ndarray]:
         """Candidates ranked by float32 cosine similarity (one matmul per chunk), then their distances
         recomputed in float64: 2 - 2 cos in float32 would put near-duplicates ~5e-4 apart instead of 0."""
-        q = F.normalize(z.double(), dim=1)  # (M, D)
         kmax, (n, dim) = max(self.ks), self.bank.shape
         chunk = max(1, min(CHUNK_ELEMENTS // n, CHUNK_ELEMENTS // (kmax * dim)))
         kth = {k: [] for k in self.ks}
-        for i in range(0, len(q), chunk):
-            qc = q[i:i + chunk]  # (c, D)
+        for i in range(0, len(z), chunk):
+            qc = F.normalize(z[i:i + chunk].double(), dim=1)  # (c, D)
             top = (qc.float() @ self.bank.T).topk(kmax, dim=1).indices  # (c, kmax) nearest by similarity
             near = F.normalize(self.train[top].double(), dim=2)  # (c, kmax, D)
             dist = (near - qc[:, None, :]).norm(dim=2).sort(dim=1).values  # (c, kmax), ascending

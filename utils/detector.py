@@ -288,11 +288,11 @@ def as_uint8_images(images: Images, size: int) -> torch.Tensor:
 
 
 def _is_pair(items) -> bool:
-    """A DataLoader (x, y) batch: an image batch and one integer (or string) label per image."""
+    """A DataLoader (x, y) batch: an image batch and one label per image (a 1-D sequence: no image is 1-D)."""
     if len(items) != 2 or not isinstance(items[0], (torch.Tensor, np.ndarray)) or items[0].ndim < 3:
         return False
     y = items[1].cpu().numpy() if isinstance(items[1], torch.Tensor) else np.asarray(items[1])
-    return y.ndim == 1 and len(y) == len(items[0]) and y.dtype.kind in "iubU"
+    return y.ndim == 1 and len(y) == len(items[0]) and y.dtype.kind in "iubfU"
 
 
 def _one_image(im, size: int) -> torch.Tensor:

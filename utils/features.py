@@ -64,6 +64,9 @@ def digest64(a: np.ndarray) -> int:
 
 
 MODES = ("fp32", "fp16-autocast", "bf16-autocast")
+# Measurement only, never a default: bench/bench_precision.py sets it to measure bf16's effect on
+# the AUROC on CPUs that emulate bf16 (the same rounding, only slowly).
+EMULATED_BF16_ENV = "DLSR_MEASURE_EMULATED_BF16"
 _said_no_bf16 = []
 
 
@@ -84,7 +87,7 @@ def compute_mode(cfg: Config, ctx: DistContext) -> str:
     if ctx.cuda:
         return "fp16-autocast" if cfg.amp else "fp32"
     if cfg.precision == "bf16":
-        if native_bf16():
+        if native_bf16() or os.environ.get(EMULATED_BF16_ENV) == "1":
             return "bf16-autocast"
         if not _said_no_bf16:
             _said_no_bf16.append(True)
@@ -101,9 +104,15 @@ def autocast(ctx: DistContext, mode: str):
     return nullcontext()
 
 
+def fast_swish(mode: str, extractor: MultiLayerFeatures) -> bool:
+    """The bf16 fast path also takes nn.SiLU's fused swish (b4); exact fp32 keeps the release's."""
+    return mode == "bf16-autocast" and extractor.has_swish
+
+
 def precision_tag(mode: str, extractor: MultiLayerFeatures) -> str:
     """What the features' arithmetic was: part of the cache key, so features of two modes never mix."""
-    return mode + ("+channels-last" if extractor.channels_last else "")
+    return mode + ("+channels-last" if extractor.channels_last else "") + \
+        ("+silu" if fast_swish(mode, extractor) else "")
 
 
 def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, **kwargs) -> DataLoader:
@@ -115,6 +124,7 @@ def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, *
 def backbone_features(extractor: MultiLayerFeatures, images: torch.Tensor, ctx: DistContext, mode: str,
                       chunk: Optional[int] = None) -> torch.Tensor:
     """uint8 images (B, H, W[, 3]) -> raw pooled vectors (B, D) float32, the backbone run ``chunk`` at a time."""
+    extractor.use_fused_swish(fast_swish(mode, extractor))
     x = extractor.normalize(images.to(ctx.device, non_blocking=True))  # (B, 3, S, S)
     chunk = chunk or len(x)
     if extractor.channels_last:

@@ -1,7 +1,7 @@
-"""The README's flag tables, made from the scripts' own parsers so that they always match --help.
+"""The flag tables of docs/USAGE.md, made from the scripts' own parsers so that they always match --help.
 
-    python -m utils.flag_docs           # rewrite the tables in README.md
-    python -m utils.flag_docs --check   # exit 1 if README.md's tables differ from the parsers
+    python -m utils.flag_docs           # rewrite the tables in docs/USAGE.md
+    python -m utils.flag_docs --check   # exit 1 if docs/USAGE.md's tables differ from the parsers
 
 Each table sits between ``<!-- flags: SCRIPT -->`` and ``<!-- /flags -->``.
 """
@@ -12,6 +12,7 @@ import sys
 from typing import Dict
 
 SCRIPTS = ("main.py", "test_mse_mfsim.py", "test_LR.py", "predict.py")
+USAGE = "docs/USAGE.md"
 BLOCK = re.compile(r"(<!-- flags: (?P<script>\S+) -->\n)(?P<body>.*?)(<!-- /flags -->)", re.S)
 
 
@@ -48,9 +49,9 @@ def rewrite(text: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write (or --check) the README's flag tables.")
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 if the README is out of date")
-    p.add_argument("--readme", default="README.md", help="the file (default: %(default)s)")
+    p = argparse.ArgumentParser(description="Write (or --check) the flag tables of docs/USAGE.md.")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if the file is out of date")
+    p.add_argument("--readme", default=USAGE, help="the file (default: %(default)s)")
     args = p.parse_args()
     with open(args.readme) as f:
         text = f.read()

@@ -1,4 +1,5 @@
-"""OOD metrics from saved score arrays (higher score = more OOD; OOD is the positive class for AUROC).
+"""OOD metrics from saved score arrays (docs/METHOD.md §7; higher score = more OOD; OOD is the positive
+class for AUROC).
 
 FPR95 comes in two conventions:
 - "release" (default, what the authors print): threshold = 95th percentile of the ID scores

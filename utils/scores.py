@@ -1,4 +1,5 @@
-"""Per-sample OOD scores from (reconstruction, original). Convention throughout: higher = more likely OOD."""
+"""Per-sample OOD scores from (reconstruction, original), docs/METHOD.md §6. Convention throughout:
+higher = more likely OOD."""
 from typing import Sequence
 
 import numpy as np

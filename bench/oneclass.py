@@ -30,7 +30,7 @@ from utils.baselines import Baselines  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.distributed import DistContext  # noqa: E402
 from utils.evaluation import Scorer  # noqa: E402
-from utils.features import compute_mode, load_or_extract  # noqa: E402
+from utils.features import features_for  # noqa: E402
 from utils.metrics import ood_metrics  # noqa: E402
 from utils.model_factory import build_extractor  # noqa: E402
 from utils.training import train  # noqa: E402
@@ -119,10 +119,8 @@ def main(argv: Sequence[str] = None) -> None:
     extractor = build_extractor(cfg)
     sets = {split: build_dataset(DATASET, split, cfg.data_path, cfg.backbone.input_size, cfg.download)
             for split in ("train", "test")}
-    feats = {split: load_or_extract(extractor, ds, split, ctx, cache_dir=cfg.feature_cache_dir,
-                                    input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                                    num_workers=cfg.workers(False), mode=compute_mode(cfg, ctx),
-                                    desc=f"{DATASET} {split} features") for split, ds in sets.items()}
+    feats = {split: features_for(cfg, ctx, extractor, ds, split, f"{DATASET} {split} features")
+             for split, ds in sets.items()}
     extract_s = time.perf_counter() - start
     print(f"features: {extract_s:.0f} s", flush=True)
     per_class, seconds = {}, {}

@@ -1,4 +1,5 @@
 """The opt-in fast CPU path: bf16 autocast (native bf16 CPUs only) and channels-last convolutions."""
+import copy
 import json
 import logging
 
@@ -8,7 +9,7 @@ from datasets import build_dataset
 from tests.helpers import run_inprocess
 from utils.config import load_config
 from utils.distributed import DistContext
-from utils.features import compute_mode, load_or_extract, precision_tag
+from utils.features import EMULATED_BF16_ENV, compute_mode, features_for, precision_tag
 from utils.model_factory import build_extractor
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
@@ -30,19 +31,19 @@ def test_bf16_is_used_only_on_a_cpu_with_native_bf16(tiny, monkeypatch, caplog):
     assert len(said) == 1 and "going on in fp32" in said[0]  # one line, once
 
 
-def test_features_of_other_arithmetic_never_share_a_cache_file(tiny, tmp_path):
-    cfg = load_config(tiny.write())
+def test_features_of_other_arithmetic_never_share_a_cache_file(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv(EMULATED_BF16_ENV, "1")  # bf16's rounding, emulated where the CPU lacks it
+    cfg = load_config(tiny.write(cache_dir=str(tmp_path / "cache"), extract_batch_size=8))
     ds = build_dataset("noise:uniform:8", "test", str(tmp_path), 32)
-    kw = dict(cache_dir=str(tmp_path / "cache"), input_size=32, batch_size=8, num_workers=0)
-    plain = build_extractor(cfg)
-    cfg.channels_last = True
-    cl = build_extractor(cfg)
+    bf16, cl_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    bf16.precision, cl_cfg.channels_last = "bf16", True
+    plain, cl = build_extractor(cfg), build_extractor(cl_cfg)
     assert precision_tag("fp32", cl) == "fp32+channels-last" and precision_tag("bf16-autocast", plain) == "bf16-autocast"
-    runs = {"fp32": load_or_extract(plain, ds, "test", CPU, mode="fp32", **kw),
-            "bf16": load_or_extract(plain, ds, "test", CPU, mode="bf16-autocast", **kw),
-            "cl": load_or_extract(cl, ds, "test", CPU, mode="fp32", **kw)}
+    assert compute_mode(bf16, CPU) == "bf16-autocast"
+    runs = {"fp32": features_for(cfg, CPU, plain, ds, "test"), "bf16": features_for(bf16, CPU, plain, ds, "test"),
+            "cl": features_for(cl_cfg, CPU, cl, ds, "test")}
     assert not any(r.from_cache for r in runs.values()) and len(list((tmp_path / "cache").iterdir())) == 3
-    assert load_or_extract(plain, ds, "test", CPU, mode="fp32", **kw).from_cache
+    assert features_for(cfg, CPU, plain, ds, "test").from_cache
     diff_bf16 = (runs["bf16"].z - runs["fp32"].z).abs().max()
     diff_cl = (runs["cl"].z - runs["fp32"].z).abs().max()
     assert 0 < diff_bf16 < 1.0 and diff_cl < 1e-2  # bf16 rounds coarsely; channels-last at float level

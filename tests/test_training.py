@@ -11,7 +11,7 @@ from tests.helpers import run_inprocess
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.distributed import DistContext
-from utils.features import load_or_extract
+from utils.features import features_for
 from utils.training import Trainer, lr_at, train
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
@@ -91,16 +91,16 @@ def test_feature_cache_is_keyed_by_backbone_weights(tiny, tmp_path):
     sd = {k: v.clone() for k, v in a.backbone.state_dict().items()}
     sd["_conv_stem.weight"] *= 1.5
     b = MultiLayerFeatures("efficientnet-lite0", state_dict=sd)
-    kw = dict(cache_dir=str(tmp_path / "cache"), input_size=32, batch_size=16, num_workers=0, mode="fp32")
-    fa = load_or_extract(a, ds, "train", CPU, **kw)
-    fb = load_or_extract(b, ds, "train", CPU, **kw)
-    again = load_or_extract(a, ds, "train", CPU, **kw)
+    cfg = load_config(tiny.write(cache_dir=str(tmp_path / "cache"), extract_batch_size=16))
+    fa = features_for(cfg, CPU, a, ds, "train")
+    fb = features_for(cfg, CPU, b, ds, "train")
+    again = features_for(cfg, CPU, a, ds, "train")
     assert not fa.from_cache and not fb.from_cache and again.from_cache
     assert len(os.listdir(tmp_path / "cache")) == 2
     assert torch.equal(again.z, fa.z) and torch.equal(again.keys, fa.keys) and not torch.allclose(fa.z, fb.z)
     assert torch.equal(fa.keys, fb.keys) and len(set(fa.keys.tolist())) == 40  # keys follow the images only
-    other_size = load_or_extract(a, build_dataset("noise:uniform:40", "train", str(tmp_path), 48), "train", CPU,
-                                 **{**kw, "input_size": 48})
+    cfg.backbone.input_size = 48
+    other_size = features_for(cfg, CPU, a, build_dataset("noise:uniform:40", "train", str(tmp_path), 48), "train")
     assert not other_size.from_cache
 
 

@@ -7,12 +7,14 @@ import os
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -117,6 +119,33 @@ def broadcast_from(t: torch.Tensor, src: int, ctx: DistContext) -> torch.Tensor:
     buf = t.to(ctx.device).contiguous()
     dist.broadcast(buf, src)
     return buf
+
+
+def agreed_record(ctx: DistContext, path: str, read: Callable[[], Optional[T]], share: Callable[[Optional[T], int], T],
+                  compute: Callable[[], T], store: Callable[[T], None]) -> Tuple[T, bool]:
+    """A record kept in a file under a key (a feature cache, a calibration), that every rank ends up
+    holding, with one decision taken by all ranks together: each rank reads its own copy (``read()``,
+    None where it has none or it is stale); if every rank has one, each keeps its own; if some do,
+    the lowest of them sends it to the others (``share(own or None, src)``, called on every rank);
+    if none do, all ranks compute it together (``compute()``). Then rank 0, and the first process of
+    every other node that still lacks ``path``, store it (``store(record)``), so nodes with their
+    own disks each get a copy and a shared folder gets one. Returns (the record, whether it was held).
+    """
+    own = read()
+    holders = ranks_holding(own is not None, ctx)
+    if len(holders) == ctx.world_size:
+        record = own
+    elif holders:
+        record = share(own, holders[0])
+    else:
+        record = compute()
+    if own is None and ctx.is_main:
+        store(record)
+    barrier(ctx)
+    if own is None and not ctx.is_main and ctx.local_rank == 0 and not os.path.isfile(path):
+        store(record)
+    barrier(ctx)
+    return record, bool(holders)
 
 
 def shared_token(ctx: DistContext) -> str:

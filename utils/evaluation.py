@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from datasets import ImageSet, build_dataset, build_datasets, random_subset
+from datasets import ImageSet, build_datasets
 from errors import UserError
 from models.diffusion import GaussianDiffusion
 from models.features import BackboneId, MultiLayerFeatures, weights_digest
@@ -28,8 +28,8 @@ from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext, distributed_context, stop_unless_main_agrees
-from utils.features import (Features, autocast, compute_mode, file_stem, image_batch_features, load_or_extract,
-                            precision_tag)
+from utils.features import (Features, autocast, compute_mode, features_for, file_stem, image_batch_features,
+                            precision_tag, training_set)
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress, setup_logging
@@ -119,10 +119,7 @@ class Scorer:
 
     def set_features(self, dataset: ImageSet, split: str = "test", desc: str = "features") -> Features:
         """Standardised features of a whole set on the device, through the feature cache."""
-        cfg = self.cfg
-        return load_or_extract(self.extractor, dataset, split, self.ctx, cache_dir=cfg.feature_cache_dir,
-                               input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                               num_workers=cfg.workers(self.ctx.cuda), mode=self.mode, desc=desc)
+        return features_for(self.cfg, self.ctx, self.extractor, dataset, split, desc)
 
     def image_features(self, images: torch.Tensor):
         """uint8 decoded images (B, S, S[, 3]) -> (standardised (B, D) on the device, image keys (B,))."""
@@ -233,12 +230,6 @@ class Scorer:
 
 
 TRAINING_SET_KEYS = ("dataset", "subset")  # train.*: what the ID training set is
-
-
-def training_set(cfg: Config) -> ImageSet:
-    """The ID training set of ``cfg``: train.dataset (with its class filter), the seeded train.subset."""
-    return random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
-                                       cfg.download), cfg.train.subset)
 
 
 def with_training_set_of(cfg: Config, ckpts: Dict[str, LoadedCheckpoint], config_source: str,

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from datasets import ImageSet
+from datasets import ImageSet, build_dataset, random_subset
 from models.features import BackboneId, MultiLayerFeatures, standardize
 from utils.atomic import atomic_torch_save
 from utils.config import Config
-from utils.distributed import DistContext, barrier, block_rows, broadcast_from, gather_interleaved, ranks_holding
+from utils.distributed import DistContext, agreed_record, block_rows, broadcast_from, gather_interleaved
 from utils.progress import progress
 from utils.rundir import cause
 
@@ -185,49 +185,55 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "set"
 
 
-def cache_path(cache_dir: str, key: dict) -> str:
+def keyed_path(folder: str, stem: str, key: dict, suffix: str) -> str:
+    """``folder/stem-<digest of key><suffix>``: a file whose name changes with everything in ``key``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(cache_dir, f"{file_stem(key['dataset']['name'])}-{key['split']}-{digest}.pt")
+    return os.path.join(folder, f"{stem}-{digest}{suffix}")
 
 
-def load_or_extract(extractor: MultiLayerFeatures, dataset: ImageSet, split: str, ctx: DistContext, *,
-                    cache_dir: str, input_size: int, batch_size: int, num_workers: int, mode: str,
-                    use_cache: bool = True, desc: str = "features") -> Features:
+def cache_path(cache_dir: str, key: dict) -> str:
+    return keyed_path(cache_dir, f"{file_stem(key['dataset']['name'])}-{key['split']}", key, ".pt")
+
+
+def training_set(cfg: Config) -> ImageSet:
+    """The ID training set of ``cfg``: train.dataset (with its class filter), the seeded train.subset."""
+    return random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
+                                       cfg.download), cfg.train.subset)
+
+
+def features_for(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures, dataset: ImageSet, split: str,
+                 desc: str = "features") -> Features:
     """Standardised features of ``dataset`` on the device, from the cache when its key matches, else
-    extracted (and stored).
+    extracted (and stored). The config gives the cache folder, input size, backbone batch, decoding
+    workers and arithmetic.
 
-    Every rank looks at its own cache folder, then all ranks take one decision together, so nodes
-    with or without a shared filesystem agree: if every rank holds the file, each reads its own;
-    if some do, the lowest such rank sends its features to the others (no extraction); if none
-    do, all ranks extract together. A rank that lacked the file and is its node's first process
-    then stores it, unless an earlier writer already did (a shared filesystem).
+    Every rank looks at its own cache folder, then all ranks take one decision together
+    (``agreed_record``), so nodes with or without a shared filesystem agree: if every rank holds
+    the file, each reads its own; if some do, the lowest such rank sends its features to the
+    others (no extraction); if none do, all ranks extract together. A rank that lacked the file
+    and is its node's first process then stores it, unless an earlier writer already did.
     """
-    key = cache_key(extractor.backbone_id(input_size), dataset, split, precision_tag(mode, extractor), batch_size)
-    path = cache_path(cache_dir, key)
+    mode = compute_mode(cfg, ctx)
+    key = cache_key(extractor.backbone_id(cfg.backbone.input_size), dataset, split, precision_tag(mode, extractor),
+                    cfg.extract_batch_size)
+    path = cache_path(cfg.feature_cache_dir, key)
     shape = (len(dataset), extractor.raw_dim)
-    stored = _read_valid(path, key, shape) if use_cache else None
-    holders = ranks_holding(stored is not None, ctx)
-    start = time.perf_counter()
-    if len(holders) == ctx.world_size:
-        raw, keys = stored
-    elif holders:
+
+    def share(stored, src: int):
         raw, keys = stored if stored is not None else (torch.empty(shape), torch.empty(shape[0], dtype=torch.int64))
-        raw, keys = broadcast_from(raw, holders[0], ctx), broadcast_from(keys, holders[0], ctx).cpu()
-    else:
-        raw, keys = extract_features(extractor, dataset, ctx, batch_size, num_workers, mode, desc)
-        keys = keys.cpu()
-    seconds = 0.0 if holders else time.perf_counter() - start
-    if use_cache:
-        # Rank 0 first, then the first process of every other node that still lacks the file.
-        writes_first = ctx.is_main and stored is None
-        if writes_first:
-            _store(path, {"key": key, "features": raw.cpu(), "image_keys": keys})
-        barrier(ctx)
-        if stored is None and not writes_first and ctx.local_rank == 0 and not os.path.isfile(path):
-            _store(path, {"key": key, "features": raw.cpu(), "image_keys": keys})
-        barrier(ctx)
+        return broadcast_from(raw, src, ctx), broadcast_from(keys, src, ctx).cpu()
+
+    def extract():
+        raw, keys = extract_features(extractor, dataset, ctx, cfg.extract_batch_size, cfg.workers(ctx.cuda), mode, desc)
+        return raw, keys.cpu()
+
+    start = time.perf_counter()
+    (raw, keys), held = agreed_record(ctx, path, lambda: _read_valid(path, key, shape), share, extract,
+                                      lambda rec: _store(path, {"key": key, "features": rec[0].cpu(),
+                                                                "image_keys": rec[1]}))
+    seconds = 0.0 if held else time.perf_counter() - start
     z = standardize(extractor.select(raw.to(ctx.device)), extractor.indices)  # (N, D)
-    return Features(z, keys, seconds, bool(holders))
+    return Features(z, keys, seconds, held)
 
 
 def _store(path: str, payload: dict) -> None:

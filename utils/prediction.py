@@ -6,7 +6,6 @@ part file, and rank 0 merges them into the CSV in path order. A file that cannot
 never stops the run: it gets a row with empty scores and the reason.
 """
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -26,10 +25,10 @@ from models.features import weights_digest
 from utils.atomic import atomic_file, atomic_write_text
 from utils.checkpoint import LoadedCheckpoint
 from utils.config import Config
-from utils.distributed import (barrier, block_rows, broadcast_from, distributed_context, ranks_holding, shared_token,
+from utils.distributed import (agreed_record, barrier, block_rows, broadcast_from, distributed_context, shared_token,
                                stop_unless_main_agrees)
 from utils.evaluation import SCORE_TYPES, Scorer
-from utils.features import image_loader, precision_tag
+from utils.features import image_loader, keyed_path, precision_tag
 from utils.progress import progress, setup_logging
 from utils.rundir import lock_beside, output_file_problem
 
@@ -108,31 +107,30 @@ def thresholds_at(scores: Dict[str, np.ndarray], tpr: float) -> Dict[str, float]
 
 
 def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:
-    """Thresholds from the calibration set ``spec``, computed once and kept in the feature cache folder.
+    """Thresholds from the calibration set ``spec``, computed once and kept in the feature cache folder
+    (the ranks agree on it as on a feature cache file: ``agreed_record``).
 
     Returns {"thresholds": {score: value}, "images": n, "set": spec, "tpr": tpr, "from": "record" | "computed"}.
     """
     cfg, ctx = scorer.cfg, scorer.ctx
     dataset = build_dataset(spec, "test", cfg.data_path, cfg.backbone.input_size, cfg.download)
     key = calibration_key(scorer, spec, dataset, tpr)
-    path = os.path.join(cfg.feature_cache_dir,
-                        f"calibration-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json")
-    record = _read_record(path, key)
-    holders = ranks_holding(record is not None, ctx)
-    if holders and len(holders) < ctx.world_size:
-        values = torch.tensor([record["thresholds"][t] for t in SCORE_TYPES] if record else [0.0] * len(SCORE_TYPES),
+    path = keyed_path(cfg.feature_cache_dir, "calibration", key, ".json")
+
+    def share(own, src: int) -> dict:
+        values = torch.tensor([own["thresholds"][t] for t in SCORE_TYPES] if own else [0.0] * len(SCORE_TYPES),
                               dtype=torch.float64)
-        values = broadcast_from(values, holders[0], ctx).cpu().tolist()
-        record = {"key": key, "thresholds": dict(zip(SCORE_TYPES, values)), "images": len(dataset)}
-    if holders:
-        return {**_public(record, spec, tpr), "from": "record"}
-    feats = scorer.set_features(dataset, desc="calibration: features")
-    scores = scorer.scores(feats.z, feats.keys, desc="calibration: ", shared=True)
-    record = {"key": key, "thresholds": thresholds_at(scores, tpr), "images": len(dataset)}
-    if ctx.local_rank == 0:
-        atomic_write_text(path, json.dumps(record, indent=2))
-    barrier(ctx)
-    return {**_public(record, spec, tpr), "from": "computed"}
+        values = broadcast_from(values, src, ctx).cpu().tolist()
+        return {"key": key, "thresholds": dict(zip(SCORE_TYPES, values)), "images": len(dataset)}
+
+    def compute() -> dict:
+        feats = scorer.set_features(dataset, desc="calibration: features")
+        scores = scorer.scores(feats.z, feats.keys, desc="calibration: ", shared=True)
+        return {"key": key, "thresholds": thresholds_at(scores, tpr), "images": len(dataset)}
+
+    record, held = agreed_record(ctx, path, lambda: _read_record(path, key), share, compute,
+                                 lambda rec: atomic_write_text(path, json.dumps(rec, indent=2)))
+    return {**_public(record, spec, tpr), "from": "record" if held else "computed"}
 
 
 def _public(record: dict, spec: str, tpr: float) -> dict:

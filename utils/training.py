@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from datasets import ImageSet, build_dataset, random_subset
+from datasets import ImageSet
 from errors import Preempted, UserError
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
@@ -38,7 +38,7 @@ from utils.checkpoint import (
 )
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier, stop_unless_main_agrees
-from utils.features import autocast, compute_mode, image_loader, load_or_extract, standardized_features
+from utils.features import autocast, compute_mode, features_for, image_loader, standardized_features, training_set
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
 from utils.preemption import StopRequest, stop_requests
 from utils.progress import progress
@@ -283,14 +283,10 @@ def training_data(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures,
         if features.dim() != 2 or features.shape[1] != extractor.feature_dim:
             raise UserError(f"training features must be (N, {extractor.feature_dim}), got {tuple(features.shape)}")
         return None, features.to(ctx.device, torch.float32)
-    dataset = random_subset(build_dataset(cfg.train.dataset, "train", cfg.data_path, cfg.backbone.input_size,
-                                          cfg.download), cfg.train.subset)
+    dataset = training_set(cfg)
     if not cfg.train.cache_features:
         return dataset, None
-    feats = load_or_extract(extractor, dataset, "train", ctx, cache_dir=cfg.feature_cache_dir,
-                            input_size=cfg.backbone.input_size, batch_size=cfg.extract_batch_size,
-                            num_workers=cfg.workers(ctx.cuda), mode=compute_mode(cfg, ctx),
-                            desc="extracting train features")
+    feats = features_for(cfg, ctx, extractor, dataset, "train", "extracting train features")
     if ctx.is_main:
         log.info("train features: %d x %d (%s)", *feats.z.shape,
                  "from cache" if feats.from_cache else f"extracted in {feats.seconds:.1f}s")

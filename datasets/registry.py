@@ -84,7 +84,7 @@ def build_datasets(specs: Dict[str, str], split: str, data_path: str, image_size
 # --------------------------------------------------------------------------- torchvision layouts
 
 def _torchvision(cls_name: str, root: str, layout: str, download: bool, **kwargs):
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # here: about 1 s to import, and only these sets need it
     cls = getattr(tvd, cls_name)
     try:
         return cls(root=root, download=False, **kwargs)
@@ -206,14 +206,14 @@ def _split_seed(split: str) -> int:
 
 
 def _digits(arg, split, data_path, size, download):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn takes ~2 s to import
     digits = load_digits()  # images (1797, 8, 8), values 0..16
     return ArrayImages("digits", np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), size, digits.target,
                        [str(i) for i in range(10)])
 
 
 def _photos(arg, split, data_path, size, download):
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # here: scikit-learn takes ~2 s to import
     n = _count(arg, 1000)
     photos = load_sample_images().images  # two (427, 640, 3) uint8 photographs
     rng = np.random.default_rng(_split_seed(split))

@@ -228,6 +228,7 @@ class MultiLayerFeatures(nn.Module):
 
 
 def _build(name: str) -> nn.Module:
+    # Each backbone's package is imported when that backbone is built: a run pays for its own only.
     if name == "resnet50":
         import torchvision
         return torchvision.models.resnet50()

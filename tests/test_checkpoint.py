@@ -1,3 +1,6 @@
+"""Checkpoints: the authors' release layout (built key by key from docs/METHOD.md §8) loads with its EMA
+and backbone weights; our format round-trips; other widths, schedules and backbones, malicious
+pickles, truncated or foreign files are refused; a failed save leaves the previous file whole."""
 import os
 
 import pytest

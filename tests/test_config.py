@@ -1,3 +1,5 @@
+"""The typed config: shipped configs load, the release's and the paper's hyperparameters, unknown keys
+named, types and choices checked, overrides parsed, a saved config read back equal."""
 import os
 
 import pytest

@@ -1,3 +1,6 @@
+"""Datasets by spec: folders searched recursively in path order and identified by content, missing and
+empty sets, unreadable images named, the offline sets, IDX files, Debian's Fashion-MNIST, seeded
+subsets, and the batched resize equal to PIL image by image."""
 import gzip
 import os
 

@@ -1,3 +1,6 @@
+"""The evaluation scripts end to end on a tiny trained run: tables recomputed from the saved scores, LR
+as first minus end, seeds, an OOD set equal to the ID set at chance, release-layout checkpoints
+scoring like ours, bad inputs in one line, missing sets."""
 import csv
 import json
 import os

@@ -1,3 +1,7 @@
+"""The frozen backbones and the neck: b4's taps and arithmetic equal to the release's to the last bit,
+ResNet-50's to torchvision's, widths and indices, eval mode, identity by weights, the real Lite0
+weights, per-layer standardisation by hand, the batched image path equal to torchvision's, weights
+files found, refused or missing."""
 import numpy as np
 import pytest
 import torch

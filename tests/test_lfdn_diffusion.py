@@ -1,3 +1,6 @@
+"""The LFDN and the diffusion math against literal writings of docs/METHOD.md §3-§5: sizes and release
+key names, zero-initialised output, the timestep embedding, schedule values, noising and the x0
+loss, the partial DDIM reconstruction in both indexings, the EMA rule by hand."""
 import math
 
 import numpy as np

@@ -1,3 +1,6 @@
+"""Scores and metrics with answers checkable by hand (docs/METHOD.md §6-§7): perfect reconstructions,
+MSE as a sum, MFsim's layers, LR, perfect and inverted separation, both FPR95 conventions, AUPR-In
+and AUPR-Out, refused inputs."""
 import numpy as np
 import pytest
 import torch

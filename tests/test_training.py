@@ -1,3 +1,6 @@
+"""Training: main.py's checkpoints, log and config; cached and uncached features giving the same loss
+curve; kill-and-resume to the same weights; the feature cache keyed by the backbone's weights; a
+non-finite loss stopping the run; missing data in one line; the learning-rate schedule per step."""
 import json
 import math
 import os

@@ -16,6 +16,7 @@ from errors import UserError
 from models.diffusion import GaussianDiffusion
 from models.features import BACKBONES, BackboneId, weights_digest
 from utils.atomic import atomic_torch_save
+from utils.config import config_from_dict
 
 FORMAT = "dlsr-checkpoint/1"
 RELEASE_PREFIX = "model.diffusion_model."
@@ -168,7 +169,6 @@ def config_of(ckpt: LoadedCheckpoint, given, hint: str):
         return given
     if ckpt.config is None:
         raise UserError(f"{ckpt.path} stores no config (an authors' release file?): pass {hint}")
-    from utils.config import config_from_dict
     return config_from_dict(ckpt.config, source=f"{ckpt.path} (its stored config)")
 
 

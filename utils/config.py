@@ -11,6 +11,7 @@ import yaml
 
 from errors import UserError
 from models.diffusion import INDEXING
+from models.features import BACKBONES
 from utils.baselines import BASELINES
 from utils.metrics import FPR95_CONVENTIONS
 from utils.scores import MFSIM_LAYERS, SCORE_TYPES
@@ -287,8 +288,6 @@ def _check_eval_lists(cfg: Config, source: str) -> None:
 
 def _check_ranges(cfg: Config, source: str) -> None:
     """Values that would run but give meaningless numbers (or fail after hours) are refused up front."""
-    from models.features import BACKBONES
-
     d, hp = cfg.diffusion, cfg.train
     top = d.timesteps - 1 if d.indexing == "release" else d.timesteps
     if not 1 <= d.subset_timesteps_num <= top:

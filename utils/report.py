@@ -211,7 +211,7 @@ def write_plots(result: EvalResult, output_dir: str) -> List[str]:
     except ImportError:
         log.info("matplotlib is not installed: no plots")
         return []
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # here: scikit-learn takes ~2 s to import, and only plots need it
 
     f = result.headline
     id_s = result.sets[ID_NAME].scores[f]

@@ -423,7 +423,7 @@ def keep_log_before(path: str, epoch: int) -> None:
 
 
 def _tensorboard(log_dir: str):
-    try:
+    try:  # optional: TensorBoard events only where tensorboard is installed
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None

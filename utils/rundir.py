@@ -84,7 +84,11 @@ def replace_folder(new: str, target: str) -> None:
     if os.path.isdir(target):
         old = temp_name(target.rstrip("/") + ".old")
         os.rename(target, old)
-        os.rename(new, target)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)  # the previous results come back whole
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, target)

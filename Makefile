@@ -47,6 +47,13 @@ benchmark: install fashion-mnist
 benchmark-oneclass: install fashion-mnist
 	$(PY) bench/oneclass.py --output_dir oneclass_output
 
+# Planted bugs in one module, one at a time, against some tests (not part of CI; see tests/mutate.py).
+MODULE ?= utils/prediction.py
+TESTS  ?= tests
+LIMIT  ?= 30
+mutate: install
+	$(PY) tests/mutate.py $(MODULE) --tests $(TESTS) --limit $(LIMIT)
+
 bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py

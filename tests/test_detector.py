@@ -122,6 +122,8 @@ def test_wrong_inputs_get_messages_in_the_users_terms(detector):
             detector.predict(images)
     with pytest.raises(ValueError, match="the loader gave no images"):
         detector.calibrate([])
+    with pytest.raises(ValueError, match="KNNDetector.fit: the loader gave no images"):
+        KNNDetector(detector.cfg).fit([])
     z, keys = detector.features(digits[:4])
     with pytest.raises(ValueError, match=f"expected standardised feature vectors \\(N, {z.shape[1]}\\).*\\(4, 5\\)"):
         detector.predict_features(z[:, :5])
@@ -129,6 +131,8 @@ def test_wrong_inputs_get_messages_in_the_users_terms(detector):
     bad[1, 0], bad[3, 2] = float("nan"), float("inf")
     with pytest.raises(ValueError, match="2 feature vector\\(s\\) hold NaN or inf \\(rows 1, 3\\)"):
         detector.predict_features(bad)
+    with pytest.raises(ValueError, match="no feature vectors given"):
+        detector.predict_features(z[:0])
     with pytest.raises(ValueError, match="k must be a positive integer"):
         KNNDetector(k=0)
 
@@ -246,3 +250,21 @@ def test_as_uint8_images_conversions_by_hand():
     assert torch.equal(as_uint8_images(chw, 4)[0, 1, 2], torch.tensor([6, 7, 8], dtype=torch.uint8))
     floats = chw.float() / 255
     assert torch.equal(as_uint8_images(floats, 4), as_uint8_images(chw, 4))
+    hwc = chw.permute(0, 2, 3, 1).contiguous()  # uint8 (1, H, W, 3): channels last, as it is
+    assert torch.equal(as_uint8_images(hwc, 4), hwc) and torch.equal(as_uint8_images(hwc.numpy(), 4), hwc)
+    assert torch.equal(as_uint8_images(hwc[0], 4), hwc)  # one (H, W, 3) image
+    with pytest.raises(ValueError, match="cannot read uint8 images of shape \\(1, 4, 4, 5\\)"):
+        as_uint8_images(np.zeros((1, 4, 4, 5), np.uint8), 4)
+
+
+def test_baseline_predict_features_gives_the_headline_scores_by_default(detector):
+    digits = digits_uint8()
+    knn = KNNDetector(detector.cfg, k=2, device="cpu").fit([digits[:300]])
+    z, keys = knn.features(digits[300:340])
+    plain = knn.predict_features(z)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, knn.predict(digits[300:340]))
+    assert set(knn.predict_features(z, all_scores=True)) == {"kNN_k2"}
+    maha = MahalanobisDetector(detector.cfg, device="cpu").fit([digits[:300]])
+    assert torch.equal(maha.predict_features(z, keys), maha(digits[300:340]))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        KNNDetector(detector.cfg).predict_features(z)

@@ -67,3 +67,55 @@ def test_evaluation_on_two_nodes_when_one_or_no_node_holds_the_cache(single, hol
     for name in ("ID", "gauss", "photos"):
         assert np.array_equal(np.load(t.tmp / "r1" / "scores" / f"{name}.npy"), np.load(out / "scores" / f"{name}.npy"))
     assert len([n for n in cache_files(empty) if "-test-" in n]) == 3
+
+
+def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_an_uninterrupted_one(single):
+    """A preemption that reaches one rank only: the ranks agree (the request travels with the loss's
+    all-reduce), rank 0 writes checkpoint-last.pth, every rank exits 143; resumed on two nodes, the
+    run ends with the weights of a two-node run that never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.helpers import ROOT, free_port
+
+    t = single
+    cfg = t.write("long.yaml", train={"epochs": 30, "batch_size": 16, "save_every": 100})
+
+    def two_nodes(out, *extra, stop_after_lines=None):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   "main.py", "--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
+                                   str(out if i == 0 else t.tmp / f"{out.name}-node1"), *extra],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        if stop_after_lines:
+            log, start = out / "log.txt", time.time()
+            while not (log.is_file() and len(log.read_text().splitlines()) >= stop_after_lines):
+                assert time.time() - start < 200 and procs[0].poll() is None, "the run ended before the signal"
+                time.sleep(0.05)
+            worker = next(c for c in psutil.Process(procs[1].pid).children(recursive=True) if "main.py" in c.cmdline())
+            worker.send_signal(signal.SIGTERM)
+        return [p.communicate(timeout=300) for p in procs], [p.returncode for p in procs]
+
+    outs, codes = two_nodes(t.tmp / "full")
+    assert codes == [0, 0], outs[0][1][-2000:]
+    stopped = t.tmp / "stopped"
+    outs, codes = two_nodes(stopped, stop_after_lines=2)
+    assert all(c != 0 for c in codes)
+    assert any("stopped: SIGTERM received" in err for _, err in outs), outs[1][1][-2000:]
+    ck = load_checkpoint(str(stopped / "checkpoint-last.pth"))
+    assert 1 <= ck.epoch < 29
+    outs, codes = two_nodes(stopped, "--resume", str(stopped / "checkpoint-last.pth"))
+    assert codes == [0, 0], outs[0][1][-2000:]
+    a = load_checkpoint(str(t.tmp / "full" / "checkpoint-last.pth"))
+    b = load_checkpoint(str(stopped / "checkpoint-last.pth"))
+    assert a.epoch == b.epoch == 29
+    for k in a.model:
+        assert torch.equal(a.ema["weights"][k], b.ema["weights"][k]), k

@@ -253,6 +253,11 @@ def test_as_uint8_images_conversions_by_hand():
     hwc = chw.permute(0, 2, 3, 1).contiguous()  # uint8 (1, H, W, 3): channels last, as it is
     assert torch.equal(as_uint8_images(hwc, 4), hwc) and torch.equal(as_uint8_images(hwc.numpy(), 4), hwc)
     assert torch.equal(as_uint8_images(hwc[0], 4), hwc)  # one (H, W, 3) image
+    rgb = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(3)])
+    assert torch.equal(as_uint8_images(list(rgb), 4), torch.from_numpy(rgb))  # a list of (H, W, 3) images
+    assert torch.equal(as_uint8_images([gray, rgb[1]], 4)[0], torch.from_numpy(np.repeat(gray[..., None], 3, -1)))
+    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+        as_uint8_images(torch.full((1, 1, 4, 4), 1.2), 4)  # not ToTensor's range, though not negative
     with pytest.raises(ValueError, match="cannot read uint8 images of shape \\(1, 4, 4, 5\\)"):
         as_uint8_images(np.zeros((1, 4, 4, 5), np.uint8), 4)
 

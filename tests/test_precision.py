@@ -63,3 +63,21 @@ def _bf16(path):
     cfg = load_config(path)
     cfg.precision = "bf16"
     return cfg
+
+
+def test_the_fast_path_takes_the_fused_swish_on_b4_only_and_says_so_in_the_cache_key():
+    from efficientnet_pytorch.utils import MemoryEfficientSwish
+
+    from models.features import MultiLayerFeatures
+    from utils.features import backbone_features
+    b4, lite = MultiLayerFeatures("efficientnet-b4", weights="random"), MultiLayerFeatures("efficientnet-lite0")
+    assert precision_tag("bf16-autocast", b4) == "bf16-autocast+silu" and precision_tag("fp32", b4) == "fp32"
+    assert precision_tag("bf16-autocast", lite) == "bf16-autocast"
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    exact = backbone_features(b4, images, CPU, "fp32")
+    backbone_features(b4, images, CPU, "bf16-autocast")
+    assert b4.fused_swish and isinstance(b4.backbone._swish, torch.nn.SiLU)
+    assert torch.equal(backbone_features(b4, images, CPU, "fp32"), exact)  # back to the release's x * sigmoid(x)
+    assert not b4.fused_swish and isinstance(b4.backbone._swish, MemoryEfficientSwish)
+    backbone_features(lite, images, CPU, "bf16-autocast")
+    assert not lite.fused_swish and isinstance(lite.backbone._swish, torch.nn.ReLU6)  # Lite0 keeps its ReLU6

@@ -199,6 +199,9 @@ def test_predict_output_checked_before_work_locked_and_parts_unique(trained, tmp
     proc = run_inprocess("predict.py", *args, "--output", str(tmp_path / "folder.csv"), check=False)
     assert proc.returncode == 2 and "is a folder; name a file in it" in proc.stderr.splitlines()[-1]
     assert not cache.exists() or not os.listdir(cache)  # nothing computed, not even the calibration
+    (tmp_path / "summary.json").mkdir()  # the JSON that goes beside the CSV
+    proc = run_inprocess("predict.py", *args, "--output", str(tmp_path / "summary.csv"), check=False)
+    assert proc.returncode == 2 and "summary.json' is a folder" in proc.stderr.splitlines()[-1]
     stale = tmp_path / "new" / "deeper" / "p.csv.part-0"
     stale.parent.mkdir(parents=True)
     stale.write_text("another run's part\n")

@@ -91,7 +91,9 @@ def test_each_calibration_key_field_forces_a_new_record(trained, tmp_path):
                "eta": lambda c: setattr(c.diffusion, "eta", 0.5),
                "indexing": lambda c: setattr(c.diffusion, "indexing", "consistent"),
                "seed": lambda c: setattr(c.eval, "seed", 7),
-               "mfsim_layers": lambda c: setattr(c.eval, "mfsim_layers", "all")}
+               "mfsim_layers": lambda c: setattr(c.eval, "mfsim_layers", "all"),
+               "noise_draws": lambda c: setattr(c.eval, "noise_draws", 2),
+               "layer_norm": lambda c: setattr(c.eval, "layer_norm", True)}
     for field, change in changes.items():
         changed = copy.deepcopy(cfg)
         change(changed)

@@ -21,7 +21,7 @@ log = logging.getLogger("dlsr")
 COMMON_FLAGS = ("data_path", "device", "cache_dir", "backbone.weights", "num_workers", "amp", "precision",
                 "channels_last")
 SCORE_FLAGS = ("diffusion.subset_timesteps_num", "diffusion.eta", "diffusion.indexing", "eval.batch_size",
-               "eval.seed", "eval.mfsim_layers")
+               "eval.seed", "eval.mfsim_layers", "eval.noise_draws", "eval.layer_norm")
 TRAIN_FLAGS = ("train.dataset", "train.subset", "train.batch_size", "train.epochs", "train.accum_iter", "train.lr",
                "train.blr", "train.min_lr", "train.cosine_lr", "train.warmup_epochs", "train.weight_decay",
                "train.seed", "train.save_every", "output_dir", "log_dir", "train.cache_features")

@@ -110,6 +110,11 @@ class EvalConfig:
     fpr95: str = setting("release", "FPR95 convention: release (ID-positive threshold) or ood_positive "
                          "(OpenOOD v1.5, pytorch-ood)")
     seed: int = setting(0, "seed of the test-time noise")
+    noise_draws: int = setting(1, "test-time noise draws per image, their scores averaged (1: the release; a "
+                               "variant, bench/README.md)", metavar="N")
+    layer_norm: bool = setting(False, "standardise each layer's reconstruction error by its mean and std on 2,000 "
+                               "ID training vectors, then average over all layers (a variant, bench/README.md)",
+                               const=True)
     groups: Dict[str, str] = setting(help="OOD set NAME: GROUP, near or far, adding near/far mean rows; the flag "
                                      "is repeatable and adds to the config's groups", factory=dict, flag="group",
                                      metavar="NAME=GROUP", merge=True)
@@ -267,7 +272,8 @@ def validate(cfg: Config, source: str) -> None:
                 "train.accum_iter": cfg.train.accum_iter, "train.save_every": cfg.train.save_every,
                 "eval.batch_size": cfg.eval.batch_size, "extract_batch_size": cfg.extract_batch_size,
                 "backbone.input_size": cfg.backbone.input_size, "train.subset": 1 if cfg.train.subset is None else cfg.train.subset,
-                "diffusion.timesteps": cfg.diffusion.timesteps}
+                "diffusion.timesteps": cfg.diffusion.timesteps,
+                "eval.noise_draws": cfg.eval.noise_draws}
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{source}: {key} must be positive, got {value}")

@@ -171,6 +171,7 @@ class DLSRDetector(FeatureDetector):
         trainer = train(self.cfg, self.ctx, features=z, extractor=self.extractor, overwrite=refit)
         self._wrote = os.path.abspath(self.cfg.output_dir)
         self.scorer = Scorer(self.cfg, self.ctx, trainer.extractor, trainer.diffusion, {"end": trainer.ema.module})
+        self.scorer.train_z = z  # eval.layer_norm's statistics come from these
         self.thresholds = None
         return self
 

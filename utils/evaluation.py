@@ -28,16 +28,18 @@ from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext, distributed_context, stop_unless_main_agrees
-from utils.features import (Features, autocast, compute_mode, features_for, file_stem, image_batch_features,
-                            precision_tag, training_set)
+from utils.features import (Features, autocast, compute_mode, digest64, features_for, file_stem,
+                            image_batch_features, precision_tag, training_set)
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress, setup_logging
 from utils.report import (ID_NAME, EvalResult, SetResult, check_output_dir, format_markdown, output_lock,
                           write_outputs)
-from utils.scores import SCORE_TYPES, likelihood_regret, mfsim_score, mse_score
+from utils.scores import (SCORE_TYPES, layer_errors, layer_normalised_scores, layer_stats, likelihood_regret,
+                          mfsim_score, mse_score)
 
 log = logging.getLogger("dlsr")
+LAYER_STATS_VECTORS = 2000  # ID training vectors that eval.layer_norm's per-layer statistics come from
 
 
 def score_fields(roles: List[str], headline_type: str) -> List[str]:
@@ -72,6 +74,8 @@ class Scorer:
         self.models = models
         self.checkpoints = checkpoints or {}
         self.mode = compute_mode(cfg, ctx)  # fp32 | fp16-autocast | bf16-autocast
+        self.train_z: Optional[torch.Tensor] = None  # ID training vectors given directly (the API's fit_features)
+        self._layer_stats: Dict[tuple, tuple] = {}    # (role, draw) -> layer_stats, for eval.layer_norm
 
     @classmethod
     def from_checkpoints(cls, cfg: Config, ctx: DistContext, paths: Dict[str, Union[str, LoadedCheckpoint]],
@@ -133,27 +137,58 @@ class Scorer:
         """z: (N, D) standardised on the device, keys: (N,) -> {"MSE": (N,), "MFsim": (N,)} of one checkpoint.
 
         ``shared``: the ranks split the batches round-robin and every rank gets all N scores;
-        otherwise this process scores all N alone.
+        otherwise this process scores all N alone. With ``eval.noise_draws`` N > 1 the scores of N
+        independent draws are averaged; ``eval.layer_norm`` standardises each layer's error first
+        (docs/METHOD.md §6a). Both off: the release's scores.
         """
-        cfg, ctx, d = self.cfg, self.ctx, self.cfg.diffusion
+        cfg, ctx = self.cfg, self.ctx
         b, n = cfg.eval.batch_size, z.shape[0]
         world, rank = (ctx.world_size, ctx.rank) if shared else (1, 0)
-        draws = self.diffusion.noise_draws(d.subset_timesteps_num, d.eta, d.indexing)
         out = torch.zeros((n, len(SCORE_TYPES)), dtype=torch.float64, device=ctx.device)  # columns: SCORE_TYPES
-        indices = self.extractor.indices
         batches = range(rank, -(-n // b), world)
         for j in progress(batches, desc, ctx.is_main and bool(desc), unit="batch"):
-            z0 = z[j * b:(j + 1) * b]  # (b, D)
-            noise = image_noise(keys[j * b:(j + 1) * b], cfg.eval.seed, role, draws, z0.shape[1:])  # (draws, b, D)
-            with autocast(ctx, self.mode):
-                rec = self.diffusion.reconstruct(self.models[role], z0, d.subset_timesteps_num, d.eta,
-                                                 indexing=d.indexing, noise=noise)
-            out[j * b:(j + 1) * b, 0] = mse_score(rec, z0).double()
-            out[j * b:(j + 1) * b, 1] = mfsim_score(rec, z0, indices, cfg.eval.mfsim_layers == "all").double()
+            rows = slice(j * b, (j + 1) * b)
+            for draw in range(cfg.eval.noise_draws):
+                scores = self._draw_scores(z[rows], keys[rows], role, draw)
+                for c, t in enumerate(SCORE_TYPES):
+                    out[rows, c] += scores[t].double() / cfg.eval.noise_draws
         if shared and ctx.distributed:
             dist.all_reduce(out)  # every row was written by exactly one rank
         out = out.cpu().numpy()
         return {t: out[:, i] for i, t in enumerate(SCORE_TYPES)}
+
+    def _reconstruct(self, z0: torch.Tensor, keys: torch.Tensor, role: str, draw: int) -> torch.Tensor:
+        """(b, D) reconstructions of ``role``'s LFDN with the draw-th noise of each image (draw 0: the release's one)."""
+        cfg, d = self.cfg, self.cfg.diffusion
+        draws = self.diffusion.noise_draws(d.subset_timesteps_num, d.eta, d.indexing)
+        noise = image_noise(keys, cfg.eval.seed, role if draw == 0 else f"{role}-draw{draw}", draws, z0.shape[1:])
+        with autocast(self.ctx, self.mode):
+            return self.diffusion.reconstruct(self.models[role], z0, d.subset_timesteps_num, d.eta,
+                                              indexing=d.indexing, noise=noise)
+
+    def _draw_scores(self, z0: torch.Tensor, keys: torch.Tensor, role: str, draw: int) -> Dict[str, torch.Tensor]:
+        rec = self._reconstruct(z0, keys, role, draw)  # (b, D)
+        indices = self.extractor.indices
+        if self.cfg.eval.layer_norm:
+            return layer_normalised_scores(layer_errors(rec, z0, indices), self.layer_stats(role, draw))
+        return {"MSE": mse_score(rec, z0), "MFsim": mfsim_score(rec, z0, indices, self.cfg.eval.mfsim_layers == "all")}
+
+    def layer_stats(self, role: str, draw: int) -> tuple:
+        """Per-layer error statistics of ``role``'s LFDN (draw ``draw``) on up to LAYER_STATS_VECTORS
+        seeded ID training vectors: those given to ``fit_features``, else the checkpoint's training set."""
+        if (role, draw) not in self._layer_stats:
+            if self.train_z is not None:
+                z = self.train_z
+                keys = torch.tensor([digest64(row) for row in z.cpu().numpy()], dtype=torch.int64)
+            else:
+                feats = self.set_features(training_set(self.cfg), split="train", desc="ID training features")
+                z, keys = feats.z, feats.keys
+            pick = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(z))[:LAYER_STATS_VECTORS]))
+            z0, k0 = z[pick.to(z.device)], keys[pick]
+            errors = [layer_errors(self._reconstruct(z0[i:i + 1024], k0[i:i + 1024], role, draw),
+                                   z0[i:i + 1024], self.extractor.indices) for i in range(0, len(z0), 1024)]
+            self._layer_stats[(role, draw)] = layer_stats([torch.cat(e) for e in zip(*errors)])
+        return self._layer_stats[(role, draw)]
 
     def scores(self, z: torch.Tensor, keys: torch.Tensor, desc: str = "", shared: bool = False) -> Dict[str, np.ndarray]:
         """Every score field of ``fields()`` for (N, D) vectors: MSE/MFsim, or LR_* with first_*/end_*."""
@@ -223,7 +258,8 @@ class Scorer:
             "id_dataset": cfg.eval.dataset, "backbone": self.backbone.identity, "input_size": self.backbone.input_size,
             "subset_timesteps_num": cfg.diffusion.subset_timesteps_num, "eta": cfg.diffusion.eta,
             "indexing": cfg.diffusion.indexing, "mfsim_layers": cfg.eval.mfsim_layers, "fpr95": cfg.eval.fpr95,
-            "seed": cfg.eval.seed, "device": str(ctx.device), "processes": ctx.world_size,
+            "seed": cfg.eval.seed, "noise_draws": cfg.eval.noise_draws, "layer_norm": cfg.eval.layer_norm,
+            "device": str(ctx.device), "processes": ctx.world_size,
             "groups": dict(cfg.eval.groups), "baselines": baseline_fields(cfg.eval.baselines, cfg.eval.knn_k),
             "precision": precision_tag(self.mode, self.extractor),
         }

@@ -98,7 +98,8 @@ def calibration_key(scorer: Scorer, spec: str, dataset, tpr: float) -> dict:
             "backbone": scorer.backbone.identity, "input_size": scorer.backbone.input_size,
             "precision": precision_tag(scorer.mode, scorer.extractor), "set": spec, "set_identity": dataset.identity(),
             "k": d.subset_timesteps_num, "eta": d.eta, "indexing": d.indexing, "seed": cfg.eval.seed,
-            "mfsim_layers": cfg.eval.mfsim_layers, "tpr": tpr}
+            "mfsim_layers": cfg.eval.mfsim_layers, "noise_draws": cfg.eval.noise_draws,
+            "layer_norm": cfg.eval.layer_norm, "tpr": tpr}
 
 
 def thresholds_at(scores: Dict[str, np.ndarray], tpr: float) -> Dict[str, float]:

@@ -12,11 +12,9 @@ Runs the real scripts; the feature cache of `make benchmark` is reused when pres
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
-from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record
+from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record, run
 
 # name: (training options, evaluation options). Every run starts from BASE_TRAIN: the config with
 # 10 epochs, as it was when these ablations chose its 20 (the "20 epochs" row is config/fmnist_split.yaml).
@@ -33,13 +31,6 @@ VARIANTS = {
     "5 epochs": (["--epochs", "5"], []),
     "20 epochs": (["--epochs", "20"], []),
 }
-
-
-def run(script: str, *args: str) -> None:
-    cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:

@@ -13,22 +13,13 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
-from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record
+from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record, run
 
 ROWS_ORDER = ("near mean", "far mean", "mean")
 METRICS = ("AUROC", "FPR95")
-
-
-def run(script: str, *args: str) -> None:
-    cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
 def collect(results: list) -> dict:

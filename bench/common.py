@@ -4,6 +4,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -74,6 +75,14 @@ def record(title: str, rows: list, notes: str = "") -> None:
     print(text)
     with open(RESULTS, "a") as f:
         f.write(text)
+
+
+def run(script: str, *args: str) -> None:
+    """Run an entry script of the repository as a user would; stop with its error output if it fails."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
 def backbone_weights(name: str) -> str:

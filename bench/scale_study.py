@@ -16,24 +16,16 @@ Writes <out>/scale.md and a dated table in bench/RESULTS.md.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record
+from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record, run
 
 NETWORKS = {"512x2": (512, 256, 2), "1440x4": (1440, 720, 4), "1440x16": (1440, 720, 16)}
 # In the order they are run: the cheap and informative first, the longest last.
 DEFAULT = ["64:512x2:20", "64:512x2:50", "64:1440x4:20", "64:1440x16:20", "224:512x2:20", "224:1440x4:20",
            "64:1440x4:50", "224:1440x16:20", "224:512x2:50", "64:1440x16:50", "224:1440x4:50"]
 METHODS = ("MFsim", "MSE", "kNN_k1", "kNN_k50", "Mahalanobis")
-
-
-def run(script: str, *args: str) -> None:
-    cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
 def trained_epochs(ckpt_dir: str) -> int:

@@ -26,8 +26,9 @@ fashion-mnist:
 		echo "note: could not install dataset-fashion-mnist; torchvision will try to download Fashion-MNIST"; \
 	fi
 
+# Two workers with one thread each (pytest-xdist): about 2.7 min on 2 cores instead of 5.3 serially.
 test: install fashion-mnist
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 demo: install fashion-mnist
 	$(PY) main.py --config config/demo.yaml

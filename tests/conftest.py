@@ -8,7 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(2)
+# Two cores: one pytest process uses both; under pytest-xdist (-n 2) each worker takes one.
+WORKER_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(WORKER_THREADS)
 
 
 @pytest.fixture

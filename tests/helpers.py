@@ -47,7 +47,8 @@ class Tiny:
 def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 300, threads: int = 0):
     """Run an entry script of the repository as a user would, on the CPU (``threads``: default 1 per rank
     under torchrun, else 2)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads or (1 if torchrun else 2))}
+    one = torchrun or os.environ.get("PYTEST_XDIST_WORKER")  # one thread per process where processes share the cores
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads or (1 if one else 2))}
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                script, *args]

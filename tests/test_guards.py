@@ -84,8 +84,8 @@ def test_each_calibration_key_field_forces_a_new_record(trained, tmp_path):
     cfg.cache_dir = str(tmp_path / "cache")
     ckpt = str(trained.ckpt / "checkpoint-last.pth")
     scorer = Scorer.from_checkpoints(cfg, CPU, {"end": ckpt})
-    assert calibrate(scorer, "digits", 0.9)["from"] == "computed"
-    assert calibrate(scorer, "digits", 0.9)["from"] == "record"
+    assert calibrate(scorer, "digits@0-2", 0.9)["from"] == "computed"
+    assert calibrate(scorer, "digits@0-2", 0.9)["from"] == "record"
     changes = {"tpr": lambda c: None, "set": lambda c: None,
                "k": lambda c: setattr(c.diffusion, "subset_timesteps_num", 4),
                "eta": lambda c: setattr(c.diffusion, "eta", 0.5),
@@ -98,10 +98,10 @@ def test_each_calibration_key_field_forces_a_new_record(trained, tmp_path):
         changed = copy.deepcopy(cfg)
         change(changed)
         other = Scorer.from_checkpoints(changed, CPU, {"end": ckpt})
-        spec, tpr = ("digits@0-8", 0.9) if field == "set" else ("digits", 0.8 if field == "tpr" else 0.9)
+        spec, tpr = ("digits@0-3", 0.9) if field == "set" else ("digits@0-2", 0.8 if field == "tpr" else 0.9)
         assert calibrate(other, spec, tpr)["from"] == "computed", field
     other_weights = Scorer.from_checkpoints(cfg, CPU, {"end": str(trained.ckpt / "checkpoint-0.pth")})
-    assert calibrate(other_weights, "digits", 0.9)["from"] == "computed"
+    assert calibrate(other_weights, "digits@0-2", 0.9)["from"] == "computed"
 
 
 @pytest.mark.parametrize("tpr, ok", [(0.0, False), (1.0, False), (1e-3, True), (0.999, True)])

@@ -110,12 +110,21 @@ def _wait_for(predicate, proc, timeout=120):
         time.sleep(0.05)
 
 
+SIGNAL_RUN = dict(train={"epochs": 6, "save_every": 10, "subset": 512, "batch_size": 16})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run the signalled ones must end equal to."""
+    from tests.helpers import Tiny
+    t = Tiny(tmp_path_factory.mktemp("signals"))
+    run_inprocess("main.py", "--config", t.write("ref.yaml", output_dir=str(t.tmp / "ref"), **SIGNAL_RUN))
+    return t.tmp / "ref" / "checkpoint-last.pth"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, sig):
-    settings = dict(train={"epochs": 6, "save_every": 10, "subset": 512, "batch_size": 16})
-    reference = tiny.write("ref.yaml", output_dir=str(tiny.tmp / "ref"), **settings)
-    run_inprocess("main.py", "--config", reference)
-    config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), **settings)
+def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, uninterrupted, sig):
+    config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), **SIGNAL_RUN)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "main.py", "--config", config], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,7 +138,7 @@ def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, sig)
     stopped = load_checkpoint(str(tiny.tmp / "run" / "checkpoint-last.pth"))
     assert stopped.epoch >= 1
     run_inprocess("main.py", "--config", config, "--resume", str(tiny.tmp / "run" / "checkpoint-last.pth"))
-    assert_equal_weights(weights(tiny.tmp / "run" / "checkpoint-last.pth"), weights(tiny.tmp / "ref" / "checkpoint-last.pth"))
+    assert_equal_weights(weights(tiny.tmp / "run" / "checkpoint-last.pth"), weights(uninterrupted))
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs == list(range(6))
 

@@ -30,7 +30,7 @@ from utils.checkpoint import config_of, load_checkpoint
 from utils.config import DEFAULT_CONFIG, Config, load_config
 from utils.distributed import DistContext, resolve_device
 from utils.evaluation import SCORE_TYPES, Scorer
-from utils.features import compute_mode, digest64, image_batch_features
+from utils.features import compute_mode, image_batch_features, vector_keys
 from utils.model_factory import build_extractor
 from utils.prediction import DEFAULT_TPR, thresholds_at
 from utils.training import train
@@ -182,7 +182,7 @@ class DLSRDetector(FeatureDetector):
         scorer = self._ready()
         z = self._checked(x, scorer.extractor.feature_dim, "predict_features")
         if keys is None:
-            keys = torch.tensor([digest64(row) for row in z.cpu().numpy()], dtype=torch.int64)
+            keys = vector_keys(z)
         scores = {t: torch.from_numpy(v) for t, v in scorer.scores(z, keys).items()}
         return scores if all_scores else scores[self.score]
 

@@ -28,8 +28,8 @@ from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
 from utils.distributed import DistContext, distributed_context, stop_unless_main_agrees
-from utils.features import (Features, autocast, compute_mode, digest64, features_for, file_stem,
-                            image_batch_features, precision_tag, training_set)
+from utils.features import (Features, autocast, compute_mode, features_for, file_stem, image_batch_features,
+                            precision_tag, training_set, vector_keys)
 from utils.metrics import ood_metrics
 from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress, setup_logging
@@ -178,8 +178,7 @@ class Scorer:
         seeded ID training vectors: those given to ``fit_features``, else the checkpoint's training set."""
         if (role, draw) not in self._layer_stats:
             if self.train_z is not None:
-                z = self.train_z
-                keys = torch.tensor([digest64(row) for row in z.cpu().numpy()], dtype=torch.int64)
+                z, keys = self.train_z, vector_keys(self.train_z)
             else:
                 feats = self.set_features(training_set(self.cfg), split="train", desc="ID training features")
                 z, keys = feats.z, feats.keys

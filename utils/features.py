@@ -63,6 +63,12 @@ def digest64(a: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=8).digest(), "little", signed=True)
 
 
+def vector_keys(z: torch.Tensor) -> torch.Tensor:
+    """(N, D) feature vectors -> (N,) int64 keys from each vector's own bytes: the noise seeds of
+    vectors that come without their images' keys."""
+    return torch.tensor([digest64(row) for row in z.cpu().numpy()], dtype=torch.int64)
+
+
 MODES = ("fp32", "fp16-autocast", "bf16-autocast")
 # Measurement only, never a default: bench/bench_precision.py sets it to measure bf16's effect on
 # the AUROC on CPUs that emulate bf16 (the same rounding, only slowly).

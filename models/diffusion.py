@@ -22,6 +22,7 @@ class GaussianDiffusion:
         self.linear_end = linear_end
         self.betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar, (T,)
+        self._on_device = {}  # device -> (sqrt(abar), sqrt(1 - abar)) there: no copy per training step
 
     def _coef(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] reshaped to (B, 1, ..., 1) to broadcast against ``like`` (B, ...)."""
@@ -30,8 +31,11 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise. x0, noise: (B, ...), t: (B,) long."""
-        abar = self.alphas_cumprod
-        return self._coef(abar.sqrt(), t, x0) * x0 + self._coef((1 - abar).sqrt(), t, x0) * noise
+        if x0.device not in self._on_device:
+            abar = self.alphas_cumprod
+            self._on_device[x0.device] = (abar.sqrt().to(x0.device), (1 - abar).sqrt().to(x0.device))
+        keep, mix = self._on_device[x0.device]
+        return self._coef(keep, t, x0) * x0 + self._coef(mix, t, x0) * noise
 
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Mean over batch and dims of (model(z_t, t) - x0)^2: the network predicts x0."""

@@ -38,7 +38,8 @@ def test_features_of_other_arithmetic_never_share_a_cache_file(tiny, tmp_path, m
     bf16, cl_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
     bf16.precision, cl_cfg.channels_last = "bf16", True
     plain, cl = build_extractor(cfg), build_extractor(cl_cfg)
-    assert precision_tag("fp32", cl) == "fp32+channels-last" and precision_tag("bf16-autocast", plain) == "bf16-autocast"
+    assert precision_tag("fp32", cl, "cpu") == "cpu-fp32+channels-last"
+    assert precision_tag("bf16-autocast", plain, "cpu") == "cpu-bf16-autocast"
     assert compute_mode(bf16, CPU) == "bf16-autocast"
     runs = {"fp32": features_for(cfg, CPU, plain, ds, "test"), "bf16": features_for(bf16, CPU, plain, ds, "test"),
             "cl": features_for(cl_cfg, CPU, cl, ds, "test")}
@@ -56,7 +57,7 @@ def test_precision_flags_reach_the_run(trained, tmp_path):
                   "--precision", "bf16", "--dataset", "digits@3", "--ood", "g=noise:gaussian:20")
     meta = json.loads((out / "results.json").read_text())["meta"]
     expected = "bf16-autocast" if compute_mode(_bf16(trained.config), CPU) == "bf16-autocast" else "fp32"
-    assert meta["precision"] == expected + "+channels-last"
+    assert meta["precision"] == "cpu-" + expected + "+channels-last"
 
 
 def _bf16(path):
@@ -71,8 +72,9 @@ def test_the_fast_path_takes_the_fused_swish_on_b4_only_and_says_so_in_the_cache
     from models.features import MultiLayerFeatures
     from utils.features import backbone_features
     b4, lite = MultiLayerFeatures("efficientnet-b4", weights="random"), MultiLayerFeatures("efficientnet-lite0")
-    assert precision_tag("bf16-autocast", b4) == "bf16-autocast+silu" and precision_tag("fp32", b4) == "fp32"
-    assert precision_tag("bf16-autocast", lite) == "bf16-autocast"
+    assert precision_tag("bf16-autocast", b4, "cpu") == "cpu-bf16-autocast+silu"
+    assert precision_tag("fp32", b4, "cpu") == "cpu-fp32"
+    assert precision_tag("bf16-autocast", lite, "cpu") == "cpu-bf16-autocast"
     images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     exact = backbone_features(b4, images, CPU, "fp32")
     backbone_features(b4, images, CPU, "bf16-autocast")

@@ -155,12 +155,13 @@ class Config:
     def log_folder(self) -> str:
         return self.log_dir or self.output_dir
 
-    def workers(self, cuda: bool) -> int:
-        """Decoding workers: on CPU the backbone needs both cores and decoding costs ~1% of it
-        (bench/RESULTS.md), so decode in-process; on a GPU decoding is the bottleneck."""
+    def workers(self, cuda: bool, local_ranks: int = 1) -> int:
+        """Decoding workers of one process: on CPU the backbone needs both cores and decoding costs
+        ~1% of it (bench/RESULTS.md), so decode in-process; on a GPU decoding is the bottleneck, and
+        the node's cores are shared by its ``local_ranks`` processes (one each for the ranks themselves)."""
         if self.num_workers is not None:
             return self.num_workers
-        return min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
+        return min(8, max(1, (os.cpu_count() or 2) // max(1, local_ranks) - 1)) if cuda else 0
 
 
 GROUPS = ("near", "far")  # OOD sets tagged with a group get a mean row per group (utils/report.py)

@@ -102,7 +102,7 @@ class FeatureDetector(_Base):
 
     def to(self, device: Union[str, torch.device]) -> "FeatureDetector":
         """Move the detector (backbone, networks, fitted state) to ``device``."""
-        self.ctx = DistContext(0, 1, 0, torch.device(device))
+        self.ctx = DistContext(0, 1, 0, resolve_device(str(device)))
         if self.extractor is not None:
             self.extractor.to(self.ctx.device)
         return self
@@ -189,9 +189,7 @@ class DLSRDetector(FeatureDetector):
     def to(self, device: Union[str, torch.device]) -> "DLSRDetector":
         super().to(device)
         if self.scorer is not None:
-            self.scorer.ctx = self.ctx
-            for model in self.scorer.models.values():
-                model.to(self.ctx.device)
+            self.scorer.to(self.ctx)
         return self
 
     def _ready(self) -> Scorer:

@@ -23,6 +23,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # processes of this run on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -37,14 +38,27 @@ class DistContext:
         return self.device.type == "cuda"
 
 
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+def resolve_device(pref: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device of this process. Under torchrun (``world_size`` > 1) each rank takes the GPU of its
+    local rank: a fixed ``cuda:N`` would put every rank on GPU N (NCCL: "Duplicate GPU"), so it is
+    refused there; CUDA_VISIBLE_DEVICES chooses which GPUs a node's ranks see."""
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"device {pref!r} asked for, but CUDA is not available here; use --device cpu")
+        if ":" in pref and world_size > 1:
+            raise UserError(f"device {pref!r} names one GPU, but torchrun starts {world_size} processes and each "
+                            f"takes the GPU of its local rank; use --device cuda (choose the GPUs with "
+                            f"CUDA_VISIBLE_DEVICES)")
         return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
     return torch.device("cpu")
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device (kernels, NCCL and the caching allocator follow it)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 @contextmanager
@@ -52,30 +66,72 @@ def distributed_context(device_pref: str = "auto"):
     """Yield a DistContext; under torchrun, init the process group and always destroy it on exit."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ:
-        yield DistContext(0, 1, 0, resolve_device(device_pref))
+        device = resolve_device(device_pref)
+        use_device(device)
+        yield DistContext(0, 1, 0, device)
         return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_pref, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = resolve_device(device_pref, local_rank, world)
+    use_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        yield DistContext(rank, world, local_rank, device)
+        yield DistContext(rank, world, local_rank, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     finally:
         dist.destroy_process_group()
 
 
+# Every collective of the project goes through ``_collective``: each tensor is handed over on the
+# context's device (NCCL takes CUDA tensors only; gloo the CPU ones), and where DLSR_COLLECTIVE_LOG
+# names a file stem, each rank appends what it issued to STEM.rank<r>, so that tests can check that
+# every rank issues the same sequence (a mismatch hangs, or under NCCL silently mixes buffers).
+COLLECTIVE_LOG_ENV = "DLSR_COLLECTIVE_LOG"
+
+
+def _collective(ctx: DistContext, op: str, *tensors: torch.Tensor, src: int = 0) -> None:
+    for t in tensors:
+        if t.device != ctx.device:
+            raise RuntimeError(f"{op}: a tensor on {t.device} handed to a collective of a run on {ctx.device}")
+    stem = os.environ.get(COLLECTIVE_LOG_ENV)
+    if stem:
+        t = tensors[0] if tensors else None
+        with open(f"{stem}.rank{ctx.rank}", "a") as f:
+            f.write(f"{op} {tuple(t.shape) if t is not None else ()} {t.dtype if t is not None else ''}"
+                    f"{f' src {src}' if op == 'broadcast' else ''}\n")
+    if op == "barrier":
+        dist.barrier()
+    elif op == "all_reduce":
+        dist.all_reduce(tensors[0])
+    elif op == "broadcast":
+        dist.broadcast(tensors[0], src)
+    elif op == "all_gather":
+        dist.all_gather(list(tensors[1:]), tensors[0])
+    else:
+        raise ValueError(op)
+
+
+def on_device(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """``t`` on the run's device, contiguous: how a tensor is handed to a collective."""
+    return t.to(ctx.device).contiguous()
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
-        dist.barrier()
+        _collective(ctx, "barrier")
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The sum of ``t`` over the ranks, on every rank (on the run's device; ``t`` is left as it was)."""
+    if not ctx.distributed:
+        return t
+    t = on_device(t, ctx).clone()
+    _collective(ctx, "all_reduce", t)
+    return t
 
 
 def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if not ctx.distributed:
         return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / ctx.world_size
+    return all_reduce_sum(t, ctx) / ctx.world_size
 
 
 def block_rows(total: int, block: int, rank: int, world_size: int) -> torch.Tensor:
@@ -90,13 +146,11 @@ def gather_interleaved(local: torch.Tensor, total: int, ctx: DistContext, block:
     if not ctx.distributed:
         return local
     owned = [block_rows(total, block, r, ctx.world_size) for r in range(ctx.world_size)]
-    padded = local.new_zeros((max(len(o) for o in owned), *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    if not ctx.cuda:
-        padded = padded.cpu()
+    padded = torch.zeros((max(len(o) for o in owned), *local.shape[1:]), dtype=local.dtype, device=ctx.device)
+    padded[: local.shape[0]] = on_device(local, ctx)
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, padded)
-    out = local.new_empty((total, *local.shape[1:]))
+    _collective(ctx, "all_gather", padded, *parts)
+    out = local.new_empty((total, *local.shape[1:]))  # on the device ``local`` came on
     for rows, part in zip(owned, parts):
         out[rows.to(out.device)] = part[: len(rows)].to(out.device)
     return out
@@ -108,7 +162,8 @@ def ranks_holding(flag: bool, ctx: DistContext) -> list:
         return [0] if flag else []
     have = torch.zeros(ctx.world_size, device=ctx.device)
     have[ctx.rank] = float(flag)
-    dist.all_reduce(have)
+    _collective(ctx, "all_reduce", have)
+    have = have.tolist()
     return [r for r in range(ctx.world_size) if have[r] > 0]
 
 
@@ -116,8 +171,8 @@ def broadcast_from(t: torch.Tensor, src: int, ctx: DistContext) -> torch.Tensor:
     """``t`` of rank ``src`` on every rank (every rank passes a tensor of the same shape and dtype)."""
     if not ctx.distributed:
         return t
-    buf = t.to(ctx.device).contiguous()
-    dist.broadcast(buf, src)
+    buf = on_device(t, ctx)
+    _collective(ctx, "broadcast", buf, src=src)
     return buf
 
 

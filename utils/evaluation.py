@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from datasets import ImageSet, build_datasets
 from errors import UserError
@@ -27,7 +26,7 @@ from models.lfdn import LFDN
 from utils.baselines import Baselines, baseline_fields
 from utils.checkpoint import LoadedCheckpoint, check_against, load_checkpoint
 from utils.config import Config
-from utils.distributed import DistContext, distributed_context, stop_unless_main_agrees
+from utils.distributed import DistContext, all_reduce_sum, distributed_context, stop_unless_main_agrees
 from utils.features import (Features, autocast, compute_mode, features_for, file_stem, image_batch_features,
                             precision_tag, training_set, vector_keys)
 from utils.metrics import ood_metrics
@@ -112,6 +111,20 @@ class Scorer:
     def backbone(self) -> BackboneId:
         return self.extractor.backbone_id(self.cfg.backbone.input_size)
 
+    def to(self, ctx: DistContext) -> "Scorer":
+        """Move every piece of state to ``ctx``'s device: the networks, the training vectors, the
+        layer statistics, and the arithmetic (fp16 autocast on CUDA, fp32 on CPU) that follows the device."""
+        self.ctx = ctx
+        self.extractor.to(ctx.device)
+        for model in self.models.values():
+            model.to(ctx.device)
+        if self.train_z is not None:
+            self.train_z = self.train_z.to(ctx.device)
+        self._layer_stats = {k: tuple((mu.to(ctx.device), sd.to(ctx.device)) for mu, sd in v)
+                             for k, v in self._layer_stats.items()}
+        self.mode = compute_mode(self.cfg, ctx)
+        return self
+
     @property
     def roles(self) -> List[str]:
         return list(self.models)
@@ -144,6 +157,7 @@ class Scorer:
         cfg, ctx = self.cfg, self.ctx
         b, n = cfg.eval.batch_size, z.shape[0]
         world, rank = (ctx.world_size, ctx.rank) if shared else (1, 0)
+        self.prepare(role)  # collectives, if any, before the ranks' loops diverge
         out = torch.zeros((n, len(SCORE_TYPES)), dtype=torch.float64, device=ctx.device)  # columns: SCORE_TYPES
         batches = range(rank, -(-n // b), world)
         for j in progress(batches, desc, ctx.is_main and bool(desc), unit="batch"):
@@ -152,8 +166,8 @@ class Scorer:
                 scores = self._draw_scores(z[rows], keys[rows], role, draw)
                 for c, t in enumerate(SCORE_TYPES):
                     out[rows, c] += scores[t].double() / cfg.eval.noise_draws
-        if shared and ctx.distributed:
-            dist.all_reduce(out)  # every row was written by exactly one rank
+        if shared:
+            out = all_reduce_sum(out, ctx)  # every row was written by exactly one rank
         out = out.cpu().numpy()
         return {t: out[:, i] for i, t in enumerate(SCORE_TYPES)}
 
@@ -172,6 +186,16 @@ class Scorer:
         if self.cfg.eval.layer_norm:
             return layer_normalised_scores(layer_errors(rec, z0, indices), self.layer_stats(role, draw))
         return {"MSE": mse_score(rec, z0), "MFsim": mfsim_score(rec, z0, indices, self.cfg.eval.mfsim_layers == "all")}
+
+    def prepare(self, role: Optional[str] = None) -> None:
+        """Compute now what scoring ``role`` (every role by default) computes once: eval.layer_norm's
+        statistics. They may need the training features, whose cache decision is collective, so
+        every rank calls this at the same point, before any per-rank loop (where a rank with no
+        batch would skip it and leave the others waiting)."""
+        if self.cfg.eval.layer_norm:
+            for r in [role] if role else self.roles:
+                for draw in range(self.cfg.eval.noise_draws):
+                    self.layer_stats(r, draw)
 
     def layer_stats(self, role: str, draw: int) -> tuple:
         """Per-layer error statistics of ``role``'s LFDN (draw ``draw``) on up to LAYER_STATS_VECTORS
@@ -260,7 +284,7 @@ class Scorer:
             "seed": cfg.eval.seed, "noise_draws": cfg.eval.noise_draws, "layer_norm": cfg.eval.layer_norm,
             "device": str(ctx.device), "processes": ctx.world_size,
             "groups": dict(cfg.eval.groups), "baselines": baseline_fields(cfg.eval.baselines, cfg.eval.knn_k),
-            "precision": precision_tag(self.mode, self.extractor),
+            "precision": precision_tag(self.mode, self.extractor, ctx.device),
         }
 
 

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,11 +29,12 @@ from models.features import BackboneId, MultiLayerFeatures, standardize
 from utils.atomic import atomic_torch_save
 from utils.config import Config
 from utils.distributed import DistContext, agreed_record, block_rows, broadcast_from, gather_interleaved
+from utils.preemption import STOP_SIGNALS
 from utils.progress import progress
 from utils.rundir import cause
 
 log = logging.getLogger("dlsr")
-CACHE_VERSION = 3  # 2: the backbone batch is part of the key; 3: image keys stored
+CACHE_VERSION = 4  # 2: the backbone batch is part of the key; 3: image keys stored; 4: the device type
 DECODE_BATCH = 64
 
 
@@ -87,10 +90,20 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def exact_fp32_on_cuda() -> None:
+    """fp32 on CUDA means fp32: PyTorch lets cuDNN round convolutions to TF32 on Ampere and newer
+    GPUs by default (and allows it for matrix products where asked), which moves features by ~1e-3.
+    AMP's fp16 work is unaffected; the fp32 parts of every run are exact."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def compute_mode(cfg: Config, ctx: DistContext) -> str:
     """The arithmetic of the run: fp16 autocast on CUDA (``amp``, as the release), bf16 autocast on a
-    CPU with native bf16 when ``precision: bf16`` asks for it (an opt-in), fp32 otherwise."""
+    CPU with native bf16 when ``precision: bf16`` asks for it (an opt-in), fp32 otherwise. On CUDA
+    it also turns TF32 off (``exact_fp32_on_cuda``), so that fp32 is true fp32."""
     if ctx.cuda:
+        exact_fp32_on_cuda()
         return "fp16-autocast" if cfg.amp else "fp32"
     if cfg.precision == "bf16":
         if native_bf16() or os.environ.get(EMULATED_BF16_ENV) == "1":
@@ -115,15 +128,55 @@ def fast_swish(mode: str, extractor: MultiLayerFeatures) -> bool:
     return mode == "bf16-autocast" and extractor.has_swish
 
 
-def precision_tag(mode: str, extractor: MultiLayerFeatures) -> str:
-    """What the features' arithmetic was: part of the cache key, so features of two modes never mix."""
-    return mode + ("+channels-last" if extractor.channels_last else "") + \
+def precision_tag(mode: str, extractor: MultiLayerFeatures, device: torch.device) -> str:
+    """What the features' arithmetic was, on which kind of device ("cpu-fp32", "cuda-fp16-autocast"):
+    part of the cache and calibration keys, so features of two modes or devices never mix."""
+    return f"{torch.device(device).type}-{mode}" + ("+channels-last" if extractor.channels_last else "") + \
         ("+silu" if fast_swish(mode, extractor) else "")
 
 
-def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, **kwargs) -> DataLoader:
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """In a decoding worker: SIGTERM and SIGUSR1 are for the main process. A scheduler signals the
+    whole process group; a worker ended by it would end the run with "DataLoader worker killed by
+    signal" before the main process can save. Workers leave when the main process closes the loader."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+SHM = "/dev/shm"
+
+
+def shm_workers(num_workers: int, batch_bytes: int, folder: str = SHM) -> int:
+    """At most as many decoding workers as /dev/shm can serve: each worker keeps about two batches
+    in shared memory (the loader's prefetch), and a container's default /dev/shm of 64 MB holds
+    fewer 224 px batches than 8 workers would queue. Uses half of what is free; says so when it cuts."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return num_workers
+    fit = max(0, int(free // 2 // max(1, 2 * batch_bytes)))
+    if fit < num_workers:
+        if not _said_shm:
+            _said_shm.append(True)
+            log.warning("%s has %.0f MB free: decoding with %d worker(s) instead of %d (each queues ~%.0f MB); "
+                        "give the container more (docker --shm-size=8g) to decode faster", folder, free / 2 ** 20,
+                        fit, num_workers, 2 * batch_bytes / 2 ** 20)
+        return fit
+    return num_workers
+
+
+_said_shm = []
+
+
+def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, image_size: int = 0,
+                 **kwargs) -> DataLoader:
+    """A DataLoader of decoded uint8 images; with workers, as many as /dev/shm holds batches of
+    ``image_size`` px for, and each worker deaf to the stop signals (``ignore_stop_signals``)."""
+    if num_workers and image_size:
+        num_workers = shm_workers(num_workers, batch_size * image_size * image_size * 3)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=ctx.cuda,
-                      persistent_workers=False, **kwargs)
+                      persistent_workers=False, worker_init_fn=ignore_stop_signals if num_workers else None,
+                      **kwargs)
 
 
 @torch.no_grad()
@@ -170,7 +223,7 @@ def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: Dist
     """
     shard = Subset(dataset, block_rows(len(dataset), batch_size, ctx.rank, ctx.world_size).tolist())
     out, keys = [], []
-    loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers)
+    loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers, getattr(dataset, "image_size", 0))
     for images in progress(loader, desc, ctx.is_main, unit="batch"):
         out.append(backbone_features(extractor, images, ctx, mode, chunk=batch_size))  # (B, D)
         keys.append(image_keys(images))  # (B,)
@@ -220,8 +273,8 @@ def features_for(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures, d
     and is its node's first process then stores it, unless an earlier writer already did.
     """
     mode = compute_mode(cfg, ctx)
-    key = cache_key(extractor.backbone_id(cfg.backbone.input_size), dataset, split, precision_tag(mode, extractor),
-                    cfg.extract_batch_size)
+    key = cache_key(extractor.backbone_id(cfg.backbone.input_size), dataset, split,
+                    precision_tag(mode, extractor, ctx.device), cfg.extract_batch_size)
     path = cache_path(cfg.feature_cache_dir, key)
     shape = (len(dataset), extractor.raw_dim)
 
@@ -230,7 +283,8 @@ def features_for(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures, d
         return broadcast_from(raw, src, ctx), broadcast_from(keys, src, ctx).cpu()
 
     def extract():
-        raw, keys = extract_features(extractor, dataset, ctx, cfg.extract_batch_size, cfg.workers(ctx.cuda), mode, desc)
+        raw, keys = extract_features(extractor, dataset, ctx, cfg.extract_batch_size, cfg.workers(ctx.cuda, ctx.local_world_size),
+                                        mode, desc)
         return raw, keys.cpu()
 
     start = time.perf_counter()

@@ -96,7 +96,8 @@ def calibration_key(scorer: Scorer, spec: str, dataset, tpr: float) -> dict:
     cfg, d = scorer.cfg, scorer.cfg.diffusion
     return {"version": CALIBRATION_VERSION, "checkpoint": weights_digest(scorer.models["end"].state_dict()),
             "backbone": scorer.backbone.identity, "input_size": scorer.backbone.input_size,
-            "precision": precision_tag(scorer.mode, scorer.extractor), "set": spec, "set_identity": dataset.identity(),
+            "precision": precision_tag(scorer.mode, scorer.extractor, scorer.ctx.device), "set": spec,
+            "set_identity": dataset.identity(),
             "k": d.subset_timesteps_num, "eta": d.eta, "indexing": d.indexing, "seed": cfg.eval.seed,
             "mfsim_layers": cfg.eval.mfsim_layers, "noise_draws": cfg.eval.noise_draws,
             "layer_norm": cfg.eval.layer_norm, "tpr": tpr}
@@ -158,7 +159,9 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
     part = parts[ctx.rank]
     mine = Subset(FileImages(files, cfg.backbone.input_size), block_rows(len(files), chunk, ctx.rank,
                                                                           ctx.world_size).tolist())
-    loader = image_loader(mine, ctx, chunk, cfg.workers(ctx.cuda), collate_fn=_as_list)
+    loader = image_loader(mine, ctx, chunk, cfg.workers(ctx.cuda, ctx.local_world_size), cfg.backbone.input_size,
+                          collate_fn=_as_list)
+    scorer.prepare()  # every rank, before the chunks: a rank may get none
     try:
         with open(part, "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")

@@ -109,7 +109,8 @@ class Trainer:
                 yield self.cached[idx[j * b:(j + 1) * b]]
             return
         # The release's way: the frozen backbone runs on every image in every epoch.
-        loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda), sampler=order, drop_last=True)
+        loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda, self.ctx.local_world_size),
+                              self.cfg.backbone.input_size, sampler=order, drop_last=True)
         for images in loader:
             # The backbone's batch is extract_batch_size, as in extraction: the same speed per image.
             yield standardized_features(self.extractor, images, self.ctx, compute_mode(self.cfg, self.ctx),
@@ -141,7 +142,7 @@ class Trainer:
             torch.randn((world * b, dim), generator=noise, device=ctx.device)
         mode = compute_mode(cfg, ctx)
         self.net.train()
-        total, lr, start = torch.tensor(loss_sum, device=ctx.device), 0.0, time.perf_counter()
+        total, lr, start, stop_asked = loss_sum, 0.0, time.perf_counter(), False
         bar = progress(self.batches(epoch, start_step), f"epoch {epoch}", ctx.is_main, total=steps - start_step,
                        unit="step", leave=False)
         for step, z0 in enumerate(bar, start=start_step):  # z0: (b, D)
@@ -159,11 +160,12 @@ class Trainer:
                 with autocast(self.ctx, mode):
                     loss = self.diffusion.training_loss(self.net, z0, t, eps)
                 # One reduction carries the loss and whether any rank was asked to stop.
-                reduced = all_reduce_mean(torch.stack([loss.detach().float(), torch.tensor(
-                    float(bool(stop)), device=ctx.device)]), ctx)
-                global_loss, stop_asked = reduced[0], bool(reduced[1] > 0)
-                if not torch.isfinite(global_loss):
-                    raise NonFiniteLoss(f"loss is {global_loss.item()} at epoch {epoch}, step {step}: stopping; "
+                # Read back once: the step's only wait for the GPU.
+                global_loss, stop_flag = all_reduce_mean(torch.stack([loss.detach().float(), torch.tensor(
+                    float(bool(stop)), device=ctx.device)]), ctx).tolist()
+                stop_asked = stop_flag > 0
+                if not math.isfinite(global_loss):
+                    raise NonFiniteLoss(f"loss is {global_loss} at epoch {epoch}, step {step}: stopping; "
                                         f"the last checkpoint written is left as it was")
                 self.scaler.scale(loss / accum).backward()
             if last_micro:
@@ -173,11 +175,11 @@ class Trainer:
                 self.ema.update(self.model)
             total += global_loss
             if ctx.is_main and step % 20 == 0:
-                bar.set_postfix(loss=f"{global_loss.item():.4f}")
+                bar.set_postfix(loss=f"{global_loss:.4f}")
             if last_micro and stop_asked and step + 1 < steps:
-                return {"epoch": epoch, "interrupted": True, "step": step + 1, "loss_sum": total.item()}
+                return {"epoch": epoch, "interrupted": True, "step": step + 1, "loss_sum": total}
         seconds = time.perf_counter() - start
-        return {"epoch": epoch, "loss": (total / steps).item(), "lr": lr, "steps": steps,
+        return {"epoch": epoch, "loss": total / steps, "lr": lr, "steps": steps, "stop": stop_asked,
                 "samples_per_s": (steps - start_step) * b * world / seconds, "seconds": seconds}
 
     def payload(self, epoch: int, in_progress: Optional[dict] = None) -> dict:
@@ -190,15 +192,16 @@ class Trainer:
     def backbone(self) -> BackboneId:
         return self.extractor.backbone_id(self.cfg.backbone.input_size)
 
-    def save(self, epoch: int) -> list:
+    def save(self, epoch: int, last: bool = False) -> list:
         """After ``epoch``: checkpoint-<epoch>.pth every save_every epochs (epoch 0 included), and
         checkpoint-last.pth with it, at the end, and after every other epoch while refreshing it
-        costs at most ``train.save_overhead`` of the time (``refresh_due``). Rank 0 writes, everyone waits."""
+        costs at most ``train.save_overhead`` of the time (``refresh_due``), or when ``last`` asks for
+        it (a stop). Rank 0 writes, everyone waits."""
         cfg = self.cfg
         names = []
         if epoch % cfg.train.save_every == 0:
             names.append(f"checkpoint-{epoch}.pth")
-        if names or epoch + 1 == cfg.train.epochs or (self.ctx.is_main and self.saves.refresh_due()):
+        if names or last or epoch + 1 == cfg.train.epochs or (self.ctx.is_main and self.saves.refresh_due()):
             names.append("checkpoint-last.pth")
         if self.ctx.is_main and names:
             self._write(self.payload(epoch), names)
@@ -344,8 +347,11 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
             for name in os.listdir(cfg.output_dir):
                 if CHECKPOINT_NAME.fullmatch(name) or name == "log.txt":
                     os.remove(os.path.join(cfg.output_dir, name))
-        trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
-        _run_epochs(trainer)
+        # Caught from here on: a stop during the feature extraction takes effect at the first step
+        # (the extracted features are stored first), not as a kill that loses them.
+        with stop_requests() as stop:
+            trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
+            _run_epochs(trainer, stop)
     return trainer
 
 
@@ -369,7 +375,7 @@ def _output_problem(cfg: Config, resume: Optional[str], overwrite: bool) -> Opti
     return None
 
 
-def _run_epochs(trainer: Trainer) -> None:
+def _run_epochs(trainer: Trainer, stop: StopRequest) -> None:
     cfg, ctx = trainer.cfg, trainer.ctx
     log_txt = os.path.join(cfg.log_folder, "log.txt")
     if ctx.is_main:
@@ -383,23 +389,27 @@ def _run_epochs(trainer: Trainer) -> None:
     epochs = progress(range(trainer.start_epoch, cfg.train.epochs), "training", ctx.is_main, unit="epoch")
     start_step, loss_sum = trainer.start_step, trainer.loss_sum
     try:
-        with stop_requests() as stop:
-            for epoch in epochs:
-                stats = trainer.train_one_epoch(epoch, start_step, loss_sum, stop)
-                start_step, loss_sum = 0, 0.0
-                if stats.get("interrupted"):
-                    path = trainer.save_stopped(stats)
-                    raise Preempted(f"{stop.name or 'a stop signal'} received: {path} holds epoch {epoch} up to "
-                                    f"step {stats['step']} of {trainer.steps_per_epoch()}; continue the run with the "
-                                    f"same command and --resume {path}")
-                saved = trainer.save(epoch)
-                if ctx.is_main:
-                    epochs.set_postfix(loss=f"{stats['loss']:.4f}")
-                    with open(log_txt, "a") as f:
-                        f.write(json.dumps({**stats, "saved": saved}) + "\n")
-                    if writer is not None:
-                        writer.add_scalar("train/loss", stats["loss"], epoch)
-                        writer.add_scalar("train/lr", stats["lr"], epoch)
+        for epoch in epochs:
+            stats = trainer.train_one_epoch(epoch, start_step, loss_sum, stop)
+            start_step, loss_sum = 0, 0.0
+            if stats.get("interrupted"):
+                path = trainer.save_stopped(stats)
+                raise Preempted(f"{stop.name or 'a stop signal'} received: {path} holds epoch {epoch} up to "
+                                f"step {stats['step']} of {trainer.steps_per_epoch()}; continue the run with the "
+                                f"same command and --resume {path}")
+            stopping = stats.pop("stop", False)  # asked at the epoch's last step: the epoch ends first
+            saved = trainer.save(epoch, last=stopping)
+            if ctx.is_main:
+                epochs.set_postfix(loss=f"{stats['loss']:.4f}")
+                with open(log_txt, "a") as f:
+                    f.write(json.dumps({**stats, "saved": saved}) + "\n")
+                if writer is not None:
+                    writer.add_scalar("train/loss", stats["loss"], epoch)
+                    writer.add_scalar("train/lr", stats["lr"], epoch)
+            if stopping and epoch + 1 < cfg.train.epochs:
+                path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+                raise Preempted(f"{stop.name or 'a stop signal'} received: {path} holds epoch {epoch} (complete); "
+                                f"continue the run with the same command and --resume {path}")
     finally:
         if writer is not None:
             writer.close()

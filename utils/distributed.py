@@ -142,7 +142,7 @@ def block_rows(total: int, block: int, rank: int, world_size: int) -> torch.Tens
 
 def gather_interleaved(local: torch.Tensor, total: int, ctx: DistContext, block: int = 1) -> torch.Tensor:
     """Rank r holds the rows ``block_rows(total, block, r, W)`` of a (total, ...) tensor, in order;
-    return the whole tensor on every rank."""
+    return the whole tensor on every rank, on the run's device."""
     if not ctx.distributed:
         return local
     owned = [block_rows(total, block, r, ctx.world_size) for r in range(ctx.world_size)]
@@ -150,9 +150,9 @@ def gather_interleaved(local: torch.Tensor, total: int, ctx: DistContext, block:
     padded[: local.shape[0]] = on_device(local, ctx)
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     _collective(ctx, "all_gather", padded, *parts)
-    out = local.new_empty((total, *local.shape[1:]))  # on the device ``local`` came on
+    out = padded.new_empty((total, *local.shape[1:]))
     for rows, part in zip(owned, parts):
-        out[rows.to(out.device)] = part[: len(rows)].to(out.device)
+        out[rows.to(out.device)] = part[: len(rows)]
     return out
 
 

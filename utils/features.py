@@ -94,8 +94,12 @@ def exact_fp32_on_cuda() -> None:
     """fp32 on CUDA means fp32: PyTorch lets cuDNN round convolutions to TF32 on Ampere and newer
     GPUs by default (and allows it for matrix products where asked), which moves features by ~1e-3.
     AMP's fp16 work is unaffected; the fp32 parts of every run are exact."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    cudnn = torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):  # PyTorch >= 2.9: the new switches only
+        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = False
 
 
 def compute_mode(cfg: Config, ctx: DistContext) -> str:
@@ -168,6 +172,20 @@ def shm_workers(num_workers: int, batch_bytes: int, folder: str = SHM) -> int:
 _said_shm = []
 
 
+def decoded(loader: DataLoader):
+    """Iterate ``loader``, its workers started with the stop signals blocked: a signal that reaches
+    the process group while a worker is being forked waits until the worker ignores it."""
+    if not loader.num_workers:
+        yield from loader
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    yield from batches
+
+
 def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, image_size: int = 0,
                  **kwargs) -> DataLoader:
     """A DataLoader of decoded uint8 images; with workers, as many as /dev/shm holds batches of
@@ -224,7 +242,7 @@ def extract_features(extractor: MultiLayerFeatures, dataset: ImageSet, ctx: Dist
     shard = Subset(dataset, block_rows(len(dataset), batch_size, ctx.rank, ctx.world_size).tolist())
     out, keys = [], []
     loader = image_loader(shard, ctx, decode_batch_size(batch_size), num_workers, getattr(dataset, "image_size", 0))
-    for images in progress(loader, desc, ctx.is_main, unit="batch"):
+    for images in progress(decoded(loader), desc, ctx.is_main, total=len(loader), unit="batch"):
         out.append(backbone_features(extractor, images, ctx, mode, chunk=batch_size))  # (B, D)
         keys.append(image_keys(images))  # (B,)
     local = torch.cat(out) if out else torch.empty(0, extractor.raw_dim, device=ctx.device)
@@ -283,8 +301,8 @@ def features_for(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures, d
         return broadcast_from(raw, src, ctx), broadcast_from(keys, src, ctx).cpu()
 
     def extract():
-        raw, keys = extract_features(extractor, dataset, ctx, cfg.extract_batch_size, cfg.workers(ctx.cuda, ctx.local_world_size),
-                                        mode, desc)
+        raw, keys = extract_features(extractor, dataset, ctx, cfg.extract_batch_size,
+                                     cfg.workers(ctx.cuda, ctx.local_world_size), mode, desc)
         return raw, keys.cpu()
 
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from utils.config import Config
 from utils.distributed import (agreed_record, barrier, block_rows, broadcast_from, distributed_context, shared_token,
                                stop_unless_main_agrees)
 from utils.evaluation import SCORE_TYPES, Scorer
-from utils.features import image_loader, keyed_path, precision_tag
+from utils.features import decoded, image_loader, keyed_path, precision_tag
 from utils.progress import progress, setup_logging
 from utils.rundir import lock_beside, output_file_problem
 
@@ -166,7 +166,8 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
         with open(part, "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             start = 0
-            for j, items in enumerate(progress(loader, "scoring", ctx.is_main, unit="chunk")):
+            chunks = progress(decoded(loader), "scoring", ctx.is_main, total=len(loader), unit="chunk")
+            for j, items in enumerate(chunks):
                 names = [files[i] for i in mine.indices[start:start + len(items)]]
                 start += len(items)
                 good = [i for i, (img, _) in enumerate(items) if img is not None]

@@ -38,7 +38,8 @@ from utils.checkpoint import (
 )
 from utils.config import Config, config_to_dict, save_config
 from utils.distributed import DistContext, all_reduce_mean, barrier, stop_unless_main_agrees
-from utils.features import autocast, compute_mode, features_for, image_loader, standardized_features, training_set
+from utils.features import (autocast, compute_mode, decoded, features_for, image_loader, standardized_features,
+                            training_set)
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
 from utils.preemption import StopRequest, stop_requests
 from utils.progress import progress
@@ -111,7 +112,7 @@ class Trainer:
         # The release's way: the frozen backbone runs on every image in every epoch.
         loader = image_loader(self.dataset, self.ctx, b, self.cfg.workers(self.ctx.cuda, self.ctx.local_world_size),
                               self.cfg.backbone.input_size, sampler=order, drop_last=True)
-        for images in loader:
+        for images in decoded(loader):
             # The backbone's batch is extract_batch_size, as in extraction: the same speed per image.
             yield standardized_features(self.extractor, images, self.ctx, compute_mode(self.cfg, self.ctx),
                                         self.cfg.extract_batch_size)

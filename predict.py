@@ -62,9 +62,11 @@ def main(argv=None) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = resolve_config(config_of(ckpt, args.config, f"--config {DEFAULT_CONFIG} (or the config it was trained with)"),
                          vars(args), SCORE_FLAGS)
-    run_prediction(cfg, ckpt, collect_files(args.images), args.output, tpr=args.tpr,
+    lists = []
+    files = collect_files(args.images, lists)
+    run_prediction(cfg, ckpt, files, args.output, tpr=args.tpr,
                    score=args.score or cfg.eval.similarity_type, calibration_set=args.calibration or cfg.eval.dataset,
-                   config_source=args.config or args.checkpoint)
+                   config_source=args.config or args.checkpoint, inputs=[*lists, *([args.config] if args.config else [])])
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ as for every score here; an AUROC below 50 means the score points the other way 
 import argparse
 import os
 
-from utils.cli import (EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, parse_with_config, resolve_config, run_entry,
-                       yaml_named_by)
+from utils.cli import (EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, config_for_checkpoint, parse_with_config,
+                       resolve_config, run_entry, stored_or_named)
 from utils.evaluation import run_evaluation
 
 
@@ -26,12 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parse_with_config(build_parser(), argv, yaml_named_by("pretrained_ldm_cfg"))
-    cfg = resolve_config(args.pretrained_ldm_cfg, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
+    args = parse_with_config(build_parser(), argv, stored_or_named("pretrained_ldm_cfg", "pretrained_ldm_ckpt_end", "./checkpoint/checkpoint-last.pth"))
+    config, config_source = config_for_checkpoint(args.pretrained_ldm_cfg, args.pretrained_ldm_ckpt_end)
+    cfg = resolve_config(config, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
     end = args.pretrained_ldm_ckpt_end
     run_evaluation(cfg, {"first": args.pretrained_ldm_ckpt_first, "end": end},
                    args.output_dir or os.path.join(os.path.dirname(end) or ".", "results-LR"),
-                   config_source=args.pretrained_ldm_cfg, skip_missing=args.skip_missing,
+                   config_source=config_source, skip_missing=args.skip_missing,
                    save_features=args.save_features, plots=not args.no_plots)
 
 

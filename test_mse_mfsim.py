@@ -9,8 +9,8 @@ checkpoints and with the authors' release files.
 import argparse
 import os
 
-from utils.cli import (EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, parse_with_config, resolve_config, run_entry,
-                       yaml_named_by)
+from utils.cli import (EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, config_for_checkpoint, parse_with_config,
+                       resolve_config, run_entry, stored_or_named)
 from utils.evaluation import run_evaluation
 
 
@@ -23,12 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parse_with_config(build_parser(), argv, yaml_named_by("pretrained_ldm_cfg"))
-    cfg = resolve_config(args.pretrained_ldm_cfg, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
+    args = parse_with_config(build_parser(), argv, stored_or_named("pretrained_ldm_cfg", "pretrained_ldm_ckpt", "./checkpoint/checkpoint-last.pth"))
+    config, config_source = config_for_checkpoint(args.pretrained_ldm_cfg, args.pretrained_ldm_ckpt)
+    cfg = resolve_config(config, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
     ckpt = args.pretrained_ldm_ckpt
     stem = os.path.splitext(os.path.basename(ckpt))[0]
     run_evaluation(cfg, {"end": ckpt}, args.output_dir or os.path.join(os.path.dirname(ckpt) or ".", f"results-{stem}"),
-                   config_source=args.pretrained_ldm_cfg, skip_missing=args.skip_missing,
+                   config_source=config_source, skip_missing=args.skip_missing,
                    save_features=args.save_features, plots=not args.no_plots)
 
 

@@ -52,7 +52,7 @@ def sigint_deferred():
 
 
 @contextmanager
-def atomic_file(path: str, mode: str = "wb"):
+def atomic_file(path: str, mode: str = "wb", **open_kwargs):
     """Open a temporary file for writing; it replaces ``path`` only if the block finishes.
     Ctrl-C during the block waits for it to finish (then interrupts)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -60,7 +60,7 @@ def atomic_file(path: str, mode: str = "wb"):
     tmp = temp_name(path)
     with sigint_deferred():
         try:
-            with open(tmp, mode) as f:
+            with open(tmp, mode, **open_kwargs) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())

@@ -39,6 +39,7 @@ class LoadedCheckpoint:
     alphas_cumprod: Optional[torch.Tensor] = None  # the schedule buffer of release files
     run_id: Optional[str] = None         # the training run that wrote it (ours; release files have none)
     in_progress: Optional[dict] = None   # {"step", "loss_sum"}: saved inside epoch ``epoch`` (a preemption)
+    world_size: Optional[int] = None     # the processes of the run that wrote it (ours, since issue 29)
 
     @property
     def eval_weights(self) -> dict:
@@ -65,13 +66,14 @@ def save_checkpoint(payload: dict, path: str) -> None:
 
 
 def make_payload(*, model: dict, ema: dict, optimizer: dict, scaler: dict, epoch: int, config: dict,
-                 backbone: BackboneId, run_id: str, in_progress: Optional[dict] = None) -> dict:
+                 backbone: BackboneId, run_id: str, in_progress: Optional[dict] = None,
+                 world_size: int = 1) -> dict:
     """Our checkpoint: everything to resume or evaluate, the run's id, and a checksum of the weights.
     ``epoch`` is the last epoch finished, or with ``in_progress`` ({"step", "loss_sum"}) the epoch
     that was stopped after that many optimiser steps."""
     return {"format": FORMAT, "model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler,
             "epoch": epoch, "in_progress": in_progress, "config": config, "backbone": backbone.record(),
-            "run_id": run_id, "checksum": weights_checksum(model, ema)}
+            "run_id": run_id, "world_size": world_size, "checksum": weights_checksum(model, ema)}
 
 
 def weights_checksum(model: dict, ema: Optional[dict]) -> dict:
@@ -111,7 +113,7 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
     if obj.get("format") == FORMAT:
         ck = LoadedCheckpoint(path, "dlsr", obj["model"], obj.get("ema"), obj.get("epoch"), obj.get("optimizer"),
                               obj.get("scaler"), obj.get("config"), obj.get("backbone"), run_id=obj.get("run_id"),
-                              in_progress=obj.get("in_progress"))
+                              in_progress=obj.get("in_progress"), world_size=obj.get("world_size"))
         stored = obj.get("checksum")
         if stored is not None and stored != weights_checksum(ck.model, ck.ema):
             raise UserError(f"{path!r}: its weights do not match the checksum stored with them: the file is "

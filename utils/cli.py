@@ -9,8 +9,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 import yaml
 
 from errors import Preempted, UserError, one_line
-from utils.config import (CHOICES, DEFAULT_CONFIG, Config, field_of, field_type, load_config, non_null, override,
-                          value_at)
+from utils.config import (CHOICES, DEFAULT_CONFIG, Config, config_from_dict, field_of, field_type, load_config,
+                          non_null, override, value_at)
+from utils.checkpoint import stored_config
 from utils.runtime import keep_freed_memory
 
 log = logging.getLogger("dlsr")
@@ -92,6 +93,30 @@ def yaml_named_by(flag: str) -> Callable[[Optional[Sequence[str]]], Tuple[Config
     return lambda argv: yaml_in_use(getattr(flag_values(argv, **{flag: DEFAULT_CONFIG}), flag))
 
 
+def config_for_checkpoint(given: Optional[str], ckpt_path: str) -> Tuple[Union[str, Config], str]:
+    """(the config an evaluation uses, the words naming it): the YAML given, else the config stored in
+    our checkpoint ``ckpt_path``, else (the authors' files store none) DEFAULT_CONFIG, as the release."""
+    if given:
+        return given, given
+    stored = stored_config(ckpt_path)
+    if stored is not None:
+        where = f"the config stored in {ckpt_path}"
+        return config_from_dict(stored, source=where), where
+    return DEFAULT_CONFIG, DEFAULT_CONFIG
+
+
+def stored_or_named(cfg_flag: str, ckpt_flag: str, ckpt_default: str) -> Callable[[Any], Tuple[Config, str]]:
+    """For ``parse_with_config``: --``cfg_flag`` if given, else the config stored in --``ckpt_flag``."""
+    def in_use(argv):
+        values = flag_values(argv, **{cfg_flag: None, ckpt_flag: ckpt_default})
+        try:
+            config, where = config_for_checkpoint(getattr(values, cfg_flag), getattr(values, ckpt_flag))
+        except UserError:
+            return Config(), "built-in; the checkpoint's stored config is invalid"
+        return yaml_in_use(config) if isinstance(config, str) else (config, where)
+    return in_use
+
+
 def yaml_in_use(path: str) -> Tuple[Config, str]:
     """The config at ``path``, or the built-in defaults where it cannot be read (the run then says why)."""
     try:
@@ -168,8 +193,9 @@ def run_entry(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Se
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pretrained_ldm_cfg", default=DEFAULT_CONFIG, metavar="FILE",
-                   help="the config the checkpoint(s) were trained with (default: %(default)s)")
+    p.add_argument("--pretrained_ldm_cfg", metavar="FILE",
+                   help=f"the config the checkpoint(s) were trained with (default: the one stored in our "
+                        f"checkpoint; {DEFAULT_CONFIG} for the authors' files, which store none)")
     add_common_flags(p)
     p.add_argument("--evaluate", action="store_true", help="accepted for compatibility with the release; "
                    "evaluating is what this script does")

@@ -3,6 +3,7 @@ that name the key; command-line flags override values through ``override``."""
 import dataclasses
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -211,11 +212,43 @@ def load_config(path: str) -> Config:
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} does not exist (see config/ for the shipped ones)")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {one_line_value(str(e))}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if data is None:
+        raise UserError(f"{path} is empty: a config sets at least the ID data set (see config/ for the shipped ones)")
     return config_from_dict(data, source=path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one, so
+    a second ``train:`` block appended to a file would silently replace the first whole."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise UserError(f"{key_node.start_mark.name}: the key {one_line_value(key)} appears twice in one "
+                                f"mapping (lines {first} and {key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def one_line_value(value: Any, limit: int = 80) -> str:
+    """A value as it appears in a message: its repr on one line, at most ``limit`` characters."""
+    text = " ".join(_SHORT.repr(value).split())  # bounded: a YAML alias bomb is never expanded whole
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 4, 70, 70
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
@@ -266,7 +299,7 @@ def validate(cfg: Config, source: str) -> None:
             entries = [("", value)]
         for where, v in entries:
             if v not in allowed:
-                raise UserError(f"{source}: {key}{where} must be one of {', '.join(allowed)}, got {v!r}")
+                raise UserError(f"{source}: {key}{where} must be one of {', '.join(allowed)}, got {one_line_value(v)}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
@@ -366,34 +399,35 @@ def non_null(tp):
 
 def _coerce(tp, value: Any, key: str, source: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = UserError(f"{source}: {key} should be {_type_name(tp)}, got {value!r}")
+    def bad():  # formatted only when raised: the value may be a huge (aliased) structure
+        return UserError(f"{source}: {key} should be {_type_name(tp)}, got {one_line_value(value)}")
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
         return _coerce(non_null(tp), value, key, source)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise bad
+            raise bad()
         return [_coerce(args[0], v, key, source) for v in value]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise bad
+            raise bad()
         return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise bad
+            raise bad()
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
+            raise bad()
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
+            raise bad()
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise bad
+            raise bad()
         return value
     raise TypeError(f"unsupported config type {tp}")
 

@@ -11,6 +11,7 @@ the batch size, the order or the number of processes (docs/METHOD.md §5).
 import copy
 import hashlib
 import logging
+import os
 import time
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Union
@@ -87,6 +88,8 @@ class Scorer:
             raise UserError(f"the checkpoints come from different training runs "
                             f"({', '.join(f'{r}: {c.path} (run {c.run_id[:8]})' for r, c in ckpts.items())}); "
                             f"LR compares the first and the last checkpoint of one run")
+        if set(ckpts) == {"first", "end"}:
+            check_lr_pair(ckpts["first"], ckpts["end"])
         for ck in ckpts.values():
             check_backbone_name(ck, cfg, config_source)
         cfg = with_training_set_of(cfg, ckpts, config_source, say=ctx.is_main)
@@ -316,6 +319,19 @@ def with_training_set_of(cfg: Config, ckpts: Dict[str, LoadedCheckpoint], config
 def _training_set_words(train: dict) -> str:
     size = "all images" if train["subset"] is None else f"a subset of {train['subset']}"
     return f"{train['dataset']} ({size})"
+
+
+def check_lr_pair(first: LoadedCheckpoint, end: LoadedCheckpoint) -> None:
+    """LR compares an early checkpoint of a run with a later one: two different files, first earlier."""
+    if os.path.realpath(first.path) == os.path.realpath(end.path):
+        raise UserError(f"--pretrained_ldm_ckpt_first and --pretrained_ldm_ckpt_end are the same file ({end.path}); "
+                        f"LR compares an early checkpoint of a run with a later one (e.g. checkpoint-0.pth and "
+                        f"checkpoint-last.pth)")
+    if first.epoch is not None and end.epoch is not None:
+        at = [(c.epoch, int((c.in_progress or {}).get("step", 1 << 62))) for c in (first, end)]  # a finished epoch last
+        if not at[0] < at[1]:
+            raise UserError(f"the first checkpoint {first.path} (epoch {first.epoch}) is not earlier than the end "
+                            f"checkpoint {end.path} (epoch {end.epoch}); swap them, or pass another pair")
 
 
 def check_backbone_name(ck: LoadedCheckpoint, cfg: Config, config_source: str) -> None:

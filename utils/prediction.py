@@ -6,10 +6,13 @@ part file, and rank 0 merges them into the CSV in path order. A file that cannot
 never stops the run: it gets a row with empty scores and the reason.
 """
 import csv
+import glob
 import json
 import logging
 import math
 import os
+import re
+import stat
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence
 
@@ -30,38 +33,57 @@ from utils.distributed import (agreed_record, barrier, block_rows, broadcast_fro
 from utils.evaluation import SCORE_TYPES, Scorer
 from utils.features import decoded, image_loader, keyed_path, precision_tag
 from utils.progress import progress, setup_logging
-from utils.rundir import lock_beside, output_file_problem
+from utils.rundir import lock_beside, output_file_problem, outputs_problem
 
 log = logging.getLogger("dlsr")
 DEFAULT_TPR = 0.95  # the fraction of ID calibration images a threshold accepts, unless told
 CSV_COLUMNS = ("path", "MSE", "MFsim", "is_ood", "error")
 CALIBRATION_VERSION = 1
+# The CSV is UTF-8; a file name that is not (any bytes are a valid name on Linux) is written as the
+# OS's bytes, so that csv.reader over open(path, newline="", encoding="utf-8", errors="surrogateescape")
+# gives back the very name Python's os functions give (docs/USAGE.md).
+NAMES_AS_GIVEN = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
-def collect_files(paths: Sequence[str]) -> List[str]:
-    """The files that PATH arguments name, sorted and without repeats.
+def collect_files(paths: Sequence[str], lists: Optional[List[str]] = None) -> List[str]:
+    """The files that PATH arguments name, sorted, each file once (two spellings of one file, such as
+    ``dir/a.png`` and ``dir/./a.png``, give one row: the first spelling in sort order).
 
     A PATH is an image file (kept whatever its name, so that an unreadable one gets a row), a
     folder (every file with an image extension below it, links followed, each real folder once) or
     ``@list.txt`` (one PATH per line, read as if given on the command line; blank lines and lines
-    starting with # are skipped).
+    starting with # are skipped; UTF-8, and bytes that are not are kept as the OS's file-name bytes;
+    a list that names itself, or a list it is inside of, is read once). ``lists`` receives the lists read.
     """
     files = set()
+    _collect(paths, files, lists if lists is not None else [], reading=())
+    if not files:
+        raise UserError(f"no image files found in {', '.join(repr(p) for p in paths)}")
+    unique = {}
+    for f in sorted(files):
+        unique.setdefault(os.path.realpath(f) if os.path.exists(f) else os.path.normpath(f), f)
+    return sorted(unique.values())
+
+
+def _collect(paths: Sequence[str], files: set, lists: List[str], reading: tuple) -> None:
     for p in paths:
         if p.startswith("@"):
+            path = p[1:]
+            real = os.path.realpath(path)
+            if real in reading:
+                log.warning("the file list %r names itself (or a list it is read from); read once", path)
+                continue
             try:
-                with open(p[1:]) as f:
-                    entries = [line.strip() for line in f]
+                with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                    entries = [line.strip(" \t\r\n") for line in f.read().split("\n")]
             except OSError as e:
-                raise UserError(f"cannot read the file list {p[1:]!r}: {e.strerror or e}") from None
-            files |= set(collect_files([e for e in entries if e and not e.startswith("#")])) if entries else set()
+                raise UserError(f"cannot read the file list {path!r}: {e.strerror or e}") from None
+            lists.append(path)
+            _collect([e for e in entries if e and not e.startswith("#")], files, lists, (*reading, real))
         elif os.path.isdir(p):
             files |= set(list_images(p))
         else:
             files.add(p)
-    if not files:
-        raise UserError(f"no image files found in {', '.join(repr(p) for p in paths)}")
-    return sorted(files)
 
 
 class FileImages(Dataset):
@@ -79,6 +101,10 @@ class FileImages(Dataset):
             return None, "no such file"
         if os.path.isdir(path):
             return None, "a folder, not an image file"
+        kind = os.stat(path).st_mode
+        if not stat.S_ISREG(kind):  # never opened: reading a FIFO or a device would block or never end
+            what = "a FIFO" if stat.S_ISFIFO(kind) else "a socket" if stat.S_ISSOCK(kind) else "a device"
+            return None, f"not a regular file ({what})"
         try:
             with Image.open(path) as img:
                 img.load()
@@ -154,7 +180,11 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
     # A chunk holds whole backbone and reconstruction batches, so that files go through both in the
     # same groups as the same folder does in test_mse_mfsim.py: the same scores to the bit.
     chunk = math.lcm(cfg.eval.batch_size, cfg.extract_batch_size)
-    token = shared_token(ctx)
+    if ctx.is_main:  # part files of an earlier run on this output that was killed (-9): under the lock, stale
+        for stale in glob.glob(glob.escape(output) + ".part-*"):
+            if re.fullmatch(r"\.part-[0-9a-f]+-\d+", stale[len(output):]):  # ours; other files are left alone
+                os.remove(stale)
+    token = shared_token(ctx)  # a collective: no rank writes its part before the stale ones are gone
     parts = [f"{output}.part-{token}-{r}" for r in range(ctx.world_size)]  # this run's alone
     part = parts[ctx.rank]
     mine = Subset(FileImages(files, cfg.backbone.input_size), block_rows(len(files), chunk, ctx.rank,
@@ -163,8 +193,8 @@ def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float]
                           collate_fn=_as_list)
     scorer.prepare()  # every rank, before the chunks: a rank may get none
     try:
-        with open(part, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
+        with open(part, "w", newline="", **NAMES_AS_GIVEN) as f:
+            w = csv.writer(f)  # "\r\n" rows (RFC 4180): a name holding "\r" or "\n" is quoted whole
             start = 0
             chunks = progress(decoded(loader), "scoring", ctx.is_main, total=len(loader), unit="chunk")
             for j, items in enumerate(chunks):
@@ -196,11 +226,11 @@ def _merge(files: List[str], chunk: int, parts: List[str], output: str) -> dict:
     """Interleave the ranks' part files chunk by chunk into ``output`` (atomically); count the rows."""
     n, world = len(files), len(parts)
     counts = {"images": n, "scored": 0, "flagged": 0, "unreadable": 0}
-    readers = [open(p, newline="") for p in parts]
+    readers = [open(p, newline="", **NAMES_AS_GIVEN) for p in parts]
     try:
         rows = [csv.reader(r) for r in readers]
-        with atomic_file(output, "w") as out:
-            w = csv.writer(out, lineterminator="\n")
+        with atomic_file(output, "w", newline="", **NAMES_AS_GIVEN) as out:
+            w = csv.writer(out)
             w.writerow(CSV_COLUMNS)
             for j in range(-(-n // chunk)):
                 for _ in range(min(chunk, n - j * chunk)):
@@ -217,15 +247,38 @@ def _merge(files: List[str], chunk: int, parts: List[str], output: str) -> dict:
     return counts
 
 
+def prediction_outputs_problem(output: str, summary_path: str, inputs: Sequence[str]) -> Optional[str]:
+    """Why predict.py may not write its CSV ``output`` and the summary beside it (None if it may)."""
+    if os.path.splitext(output)[1].lower() == ".json":
+        return (f"--output {output!r} names the CSV, and the summary goes beside it as NAME.json: give the CSV "
+                f"another extension (e.g. {os.path.splitext(output)[0] + '.csv'!r})")
+    return output_file_problem(output, "--output", summary_path) or outputs_problem(
+        {"--output": output, "its summary": summary_path}, inputs, _ours)
+
+
+def _ours(what: str, path: str) -> bool:
+    """Whether ``path`` is a CSV or a summary that predict.py wrote (those it may replace)."""
+    try:
+        with open(path, newline="", **NAMES_AS_GIVEN) as f:
+            if what == "--output":
+                return next(csv.reader(f), None) == list(CSV_COLUMNS)
+            summary = json.load(f)
+    except (OSError, ValueError, csv.Error):
+        return False
+    return isinstance(summary, dict) and {"checkpoint", "counts", "csv"} <= set(summary)
+
+
 def run_prediction(cfg: Config, ckpt: LoadedCheckpoint, files: List[str], output: str, *, tpr: float, score: str,
-                   calibration_set: str, config_source: str) -> Optional[dict]:
+                   calibration_set: str, config_source: str, inputs: Sequence[str] = ()) -> Optional[dict]:
     """predict.py's whole run: check and lock ``output``, calibrate on ``calibration_set``, score
     ``files``, write the CSV and the summary JSON beside it (rank 0), print one line. Returns the
-    summary on rank 0."""
+    summary on rank 0. ``inputs``: files it reads beside ``files`` and the checkpoint (a config, @lists),
+    which no output may replace."""
     summary_path = os.path.splitext(output)[0] + ".json"
     with distributed_context(cfg.device) as ctx:
         setup_logging(ctx.is_main)
-        stop_unless_main_agrees(lambda: output_file_problem(output, "--output", summary_path), ctx)
+        stop_unless_main_agrees(lambda: prediction_outputs_problem(output, summary_path, [*files, ckpt.path, *inputs]),
+                                ctx)
         with lock_beside(output, f"--output {output!r}") if ctx.is_main else nullcontext():
             scorer = Scorer.from_checkpoints(cfg, ctx, {"end": ckpt}, config_source)
             calibration = calibrate(scorer, calibration_set, tpr)

@@ -5,7 +5,7 @@ import fcntl
 import os
 import shutil
 from contextlib import contextmanager
-from typing import Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 from errors import UserError
 from utils.atomic import temp_name
@@ -74,6 +74,39 @@ def output_file_problem(path: str, what: str, *companions: str) -> Optional[str]
         check_writable(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
     except UserError as e:
         return str(e)
+    return None
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two spellings name one file ("x.csv", "./x.csv", a link to it, another case on a
+    case-insensitive disk where both exist)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def outputs_problem(outputs: Dict[str, str], inputs: Iterable[str], ours: Callable[[str, str], bool]) -> Optional[str]:
+    """Why the files ``outputs`` ({what: path}) cannot be written, None if they can. An output never
+    replaces another output, nor an input (``inputs``, under any spelling), nor an existing file the
+    script did not write (``ours(what, path)`` says whether it did). Checked before any work."""
+    items = list(outputs.items())
+    for i, (what, path) in enumerate(items):
+        for other, other_path in items[:i]:
+            if same_file(path, other_path):
+                return f"{what} {path!r} and {other} {other_path!r} are the same file; choose another name"
+    inputs = list(inputs)
+    for what, path in items:
+        if not os.path.lexists(path):
+            continue
+        hit = next((i for i in inputs if same_file(path, i)), None)
+        if hit is not None:
+            return f"{what} {path!r} is one of the inputs ({hit!r}); writing it would replace that file"
+        if os.path.isfile(path) and not ours(what, path):
+            return (f"{what} {path!r} exists and was not written by this script; move it away or choose "
+                    f"another name (a file this script wrote is replaced)")
     return None
 
 

@@ -187,7 +187,7 @@ class Trainer:
         return make_payload(model=self.model.state_dict(), ema=self.ema.state_dict(),
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
                             config=config_to_dict(self.cfg), backbone=self.backbone, run_id=self.run_id,
-                            in_progress=in_progress)
+                            in_progress=in_progress, world_size=self.ctx.world_size)
 
     @property
     def backbone(self) -> BackboneId:
@@ -261,6 +261,8 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
     if resumed is not None and resumed.kind != "dlsr":
         raise UserError(f"{resume}: --resume takes a checkpoint written by this trainer; "
                         f"use --pre_ckpt_path to start from a release checkpoint")
+    if resumed is not None:
+        check_same_run(cfg, ctx, resumed)  # before any work
     if extractor is None:
         backbone_state = initial.backbone_state if initial is not None else None
         extractor = build_extractor(cfg, backbone_state)
@@ -278,6 +280,58 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
         if ctx.distributed else model
     return Trainer(cfg, ctx, extractor, diffusion, model, net, ema, optimizer, scaler, dataset, cached, start_epoch,
                    run_id, start_step, loss_sum)
+
+
+# What defines what a run trains: a resumed run must have the same, or it would continue one run's
+# weights, optimiser state, data order and noise under another definition with the same run id.
+SAME_RUN_KEYS = ("train.dataset", "train.subset", "train.seed", "train.cosine_lr", "train.warmup_epochs",
+                 "lfdn.model_channels", "lfdn.time_embed_dim", "lfdn.bottleneck_channels", "lfdn.num_res_blocks",
+                 "lfdn.dropout", "diffusion.timesteps", "diffusion.linear_start", "diffusion.linear_end")
+
+
+def effective_batch(batch_size: int, world_size: int, accum_iter: int) -> str:
+    return f"{batch_size * world_size * accum_iter} ({batch_size} x {world_size} process(es) x {accum_iter} accumulation)"
+
+
+def run_differences(cfg: Config, ctx: DistContext, ck: LoadedCheckpoint) -> list:
+    """What differs between ``cfg`` on ``ctx`` and the run that wrote ``ck``: ["key: now X, the run's Y", ...]."""
+    stored = ck.config or {}
+    out = []
+    for key in SAME_RUN_KEYS:
+        section, leaf = key.split(".")
+        if leaf not in stored.get(section, {}):
+            continue
+        theirs, ours = stored[section][leaf], getattr(getattr(cfg, section), leaf)
+        if theirs != ours:
+            out.append(f"{key}: {ours!r} now, the run's {theirs!r}")
+    train = stored.get("train", {})
+    if "batch_size" in train:
+        world = ck.world_size or ctx.world_size  # checkpoints before the world size was stored: assume the same
+        theirs = train["batch_size"] * world * train.get("accum_iter", 1)
+        ours = cfg.train.batch_size * ctx.world_size * cfg.train.accum_iter
+        if theirs != ours:
+            out.append(f"effective batch: {effective_batch(cfg.train.batch_size, ctx.world_size, cfg.train.accum_iter)}"
+                       f" now, the run's {effective_batch(train['batch_size'], world, train.get('accum_iter', 1))}")
+    return out
+
+
+def check_same_run(cfg: Config, ctx: DistContext, ck: LoadedCheckpoint) -> None:
+    """Refuse to resume ``ck`` under a config that trains something else (one line naming both values)."""
+    if ck.kind != "dlsr" or not ck.config:
+        return
+    diffs = run_differences(cfg, ctx, ck)
+    if diffs:
+        raise UserError(f"--resume {ck.path}: a resumed run is the same run, but {'; '.join(diffs)}. Resume with "
+                        f"the run's settings, or start a new run from these weights with --pre_ckpt_path "
+                        f"{ck.path} (a new run id; docs/OPERATIONS.md)")
+    if not ck.in_progress and ck.epoch is not None and ck.epoch + 1 >= cfg.train.epochs:
+        raise RunComplete(f"{ck.path} holds epoch {ck.epoch} of a run of {ck.epoch + 1} epoch(s): the run is "
+                          f"complete{'' if ck.epoch + 1 == cfg.train.epochs else f' (--epochs {cfg.train.epochs} asks for fewer)'}; "
+                          f"nothing to train (--epochs N with N > {ck.epoch + 1} continues it)")
+
+
+class RunComplete(Exception):
+    """--resume of a run that has already trained every epoch asked for: nothing to do (exit 0)."""
 
 
 def training_data(cfg: Config, ctx: DistContext, extractor: MultiLayerFeatures,
@@ -338,9 +392,9 @@ def _load_weights(model: LFDN, ckpt: LoadedCheckpoint, flag: str) -> None:
 
 def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from: Optional[str] = None,
           features: Optional[torch.Tensor] = None, extractor: Optional[MultiLayerFeatures] = None,
-          overwrite: bool = False) -> Trainer:
+          overwrite: bool = False) -> Optional[Trainer]:
     """The whole run: check and lock the output folder, build, then epochs from ``start_epoch``;
-    returns the trainer at the end."""
+    returns the trainer at the end (None when ``resume`` names a run that is already complete)."""
     stop_unless_main_agrees(lambda: _output_problem(cfg, resume, overwrite), ctx)
     with folder_lock(os.path.join(cfg.output_dir, ".lock"), f"output folder {cfg.output_dir!r}") \
             if ctx.is_main else nullcontext():
@@ -351,7 +405,12 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
         # Caught from here on: a stop during the feature extraction takes effect at the first step
         # (the extracted features are stored first), not as a kill that loses them.
         with stop_requests() as stop:
-            trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
+            try:
+                trainer = build_trainer(cfg, ctx, resume, init_from, features, extractor)
+            except RunComplete as e:
+                if ctx.is_main:
+                    log.info("%s", e)
+                return None
             _run_epochs(trainer, stop)
     return trainer
 

@@ -30,8 +30,15 @@ fashion-mnist:
 test: install fashion-mnist
 	$(PY) -m pytest -q -n 2 tests
 
+# Run again, it continues the demo's run in $(DEMO) (or, when that run is complete, says so and
+# reuses it), then evaluates again; `make clean` first retrains from scratch.
 demo: install fashion-mnist
-	$(PY) main.py --config config/demo.yaml
+	@if [ -f $(DEMO)/checkpoint/checkpoint-last.pth ]; then \
+		echo "demo: $(DEMO)/checkpoint holds the demo's run: resuming it (a complete run is reused as it is)"; \
+		$(PY) main.py --config config/demo.yaml --resume $(DEMO)/checkpoint/checkpoint-last.pth; \
+	else \
+		$(PY) main.py --config config/demo.yaml; \
+	fi
 	$(PY) test_mse_mfsim.py --pretrained_ldm_cfg config/demo.yaml \
 		--pretrained_ldm_ckpt $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-mse-mfsim
 	$(PY) test_LR.py --pretrained_ldm_cfg config/demo.yaml \

@@ -14,10 +14,10 @@ in percent per class and method, and the mean), oneclass.md and oneclass.csv.
 """
 import argparse
 import csv
+import hashlib
 import io
 import json
 import os
-import sys
 import time
 from typing import Dict, List, Sequence
 
@@ -28,7 +28,9 @@ from common import ROOT, SPLIT_CONFIG, record
 
 from datasets import build_dataset  # noqa: E402
 from utils.baselines import Baselines  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from errors import UserError  # noqa: E402
+from utils.cli import run_entry  # noqa: E402
+from utils.config import config_to_dict, load_config  # noqa: E402
 from utils.distributed import DistContext  # noqa: E402
 from utils.evaluation import Scorer  # noqa: E402
 from utils.features import features_for  # noqa: E402
@@ -97,10 +99,30 @@ def write_outputs(result: dict, out: str) -> None:
 
 
 def parse_classes(text: str) -> List[int]:
-    classes = sorted({int(c) for c in text.split(",") if c.strip()})
+    try:
+        classes = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        classes = []
     if not classes or not all(0 <= c < len(CLASSES) for c in classes):
-        raise SystemExit(f"--classes: give class indices in 0..{len(CLASSES) - 1}, e.g. 6,8; got {text!r}")
+        raise UserError(f"--classes: give class indices in 0..{len(CLASSES) - 1}, e.g. 6,8; got {text!r}")
     return classes
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def result_key(args, cfg) -> dict:
+    """What a class's kept DLSR result depends on: the whole resolved config (an edit in place of the
+    file changes it), the seed and the epochs."""
+    digest = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:20]
+    return {"config": args.config, "config_digest": digest, "seed": args.seed, "epochs": cfg.train.epochs}
 
 
 def main(argv: Sequence[str] = None) -> None:
@@ -109,14 +131,14 @@ def main(argv: Sequence[str] = None) -> None:
     p.add_argument("--output_dir", default="oneclass_output")
     p.add_argument("--config", default=SPLIT_CONFIG, help="backbone, LFDN and training settings (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--epochs", type=int, help="override train.epochs of --config")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs of --config")
     p.add_argument("--data_path", help="override data_path of --config")
     args = p.parse_args(argv)
     classes = parse_classes(args.classes)
     out = os.path.join(ROOT, args.output_dir)
     cfg = load_config(os.path.join(ROOT, args.config))
     cfg.device, cfg.train.seed = "cpu", args.seed
-    cfg.train.epochs = args.epochs or cfg.train.epochs
+    cfg.train.epochs = args.epochs if args.epochs is not None else cfg.train.epochs
     cfg.data_path = args.data_path or cfg.data_path
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     start = time.perf_counter()
@@ -132,7 +154,7 @@ def main(argv: Sequence[str] = None) -> None:
         train_idx, id_mask = oneclass_split(sets["train"].labels, sets["test"].labels, c)
         train_z, test_z = feats["train"].z[train_idx], feats["test"].z
         done = os.path.join(out, f"class-{c}.json")  # DLSR's AUROC of a finished class: training is the cost
-        key = {"config": args.config, "seed": args.seed, "epochs": cfg.train.epochs}
+        key = result_key(args, cfg)
         kept = None
         if os.path.isfile(done):
             with open(done) as f:
@@ -166,4 +188,4 @@ def main(argv: Sequence[str] = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry(main)  # a problem is one line and exit 2; a stop signal's save, exit 143

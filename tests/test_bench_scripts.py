@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from errors import UserError
 from sklearn.metrics import roc_auc_score
 
 from tests.helpers import ROOT
@@ -50,8 +52,9 @@ def test_oneclass_outputs_hold_every_class_and_method_and_the_mean(tmp_path):
 
 def test_oneclass_classes_flag_is_checked():
     assert oneclass.parse_classes("8,6,6") == [6, 8]
-    with pytest.raises(SystemExit, match="0..9"):
-        oneclass.parse_classes("10")
+    for bad in ("10", "a", ""):
+        with pytest.raises(UserError, match="0..9"):
+            oneclass.parse_classes(bad)
 
 
 def test_benchmark_aggregates_each_cell_over_seeds_per_metric():

@@ -109,8 +109,8 @@ def test_fit_features_takes_labels_and_refit_clears_the_thresholds(detector, tra
 def test_wrong_inputs_get_messages_in_the_users_terms(detector):
     digits = digits_uint8()
     cases = [
-        (torch.randn(2, 3, 8, 8), "values in \\[.*look normalised"),
-        (torch.rand(2, 4, 8, 8), "C = 1 or 3"),
+        (torch.randn(2, 3, 8, 8), "between 0 and 1.*look normalised"),
+        (torch.rand(2, 5, 8, 8), "no axis of 1, 3 or 4 channels"),
         (digits.astype(np.int64)[:2], "must be uint8 .* or float in \\[0, 1\\]; got int64"),
         ([], "no images given"),
         (np.zeros((0, 8, 8), np.uint8), "no images given"),
@@ -124,8 +124,8 @@ def test_wrong_inputs_get_messages_in_the_users_terms(detector):
         detector.calibrate([])
     with pytest.raises(ValueError, match="KNNDetector.fit: the loader gave no images"):
         KNNDetector(detector.cfg).fit([])
-    z, keys = detector.features(digits[:4])
-    with pytest.raises(ValueError, match=f"expected standardised feature vectors \\(N, {z.shape[1]}\\).*\\(4, 5\\)"):
+    z, keys = detector.features(digits[:6])
+    with pytest.raises(ValueError, match=f"expected standardised feature vectors \\(N, {z.shape[1]}\\).*\\(6, 5\\)"):
         detector.predict_features(z[:, :5])
     bad = z.clone()
     bad[1, 0], bad[3, 2] = float("nan"), float("inf")
@@ -245,7 +245,9 @@ def test_pytorch_ood_benchmark_gives_the_evaluation_scripts_auroc(trained, detec
 def test_as_uint8_images_conversions_by_hand():
     gray = np.arange(16, dtype=np.uint8).reshape(4, 4)
     assert as_uint8_images(gray, 4).shape == (1, 4, 4)
-    assert as_uint8_images(np.stack([gray, gray]), 4).shape == (2, 4, 4)
+    # (2, 4, 4) reads as one (H, W, C=4) image by the rule: a batch of two 4 x 4 grayscale images is
+    # given as (2, 1, 4, 4) (of the axes of size 1 and 4 that could hold channels, the smaller does).
+    assert as_uint8_images(np.stack([gray, gray])[:, None], 4).shape == (2, 4, 4)
     chw = torch.from_numpy(np.stack([gray, gray + 1, gray + 2]))[None]  # uint8 (1, 3, H, W), PILToTensor's layout
     assert torch.equal(as_uint8_images(chw, 4)[0, 1, 2], torch.tensor([6, 7, 8], dtype=torch.uint8))
     floats = chw.float() / 255
@@ -256,10 +258,10 @@ def test_as_uint8_images_conversions_by_hand():
     rgb = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(3)])
     assert torch.equal(as_uint8_images(list(rgb), 4), torch.from_numpy(rgb))  # a list of (H, W, 3) images
     assert torch.equal(as_uint8_images([gray, rgb[1]], 4)[0], torch.from_numpy(np.repeat(gray[..., None], 3, -1)))
-    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match="between 0 and 1.*values up to 1.2"):
         as_uint8_images(torch.full((1, 1, 4, 4), 1.2), 4)  # not ToTensor's range, though not negative
-    with pytest.raises(ValueError, match="cannot read uint8 images of shape \\(1, 4, 4, 5\\)"):
-        as_uint8_images(np.zeros((1, 4, 4, 5), np.uint8), 4)
+    with pytest.raises(ValueError, match="cannot read images of shape \\(1, 5, 4, 5\\)"):
+        as_uint8_images(np.zeros((1, 5, 4, 5), np.uint8), 4)
 
 
 def test_baseline_predict_features_gives_the_headline_scores_by_default(detector):

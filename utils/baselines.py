@@ -29,6 +29,9 @@ def baseline_fields(names: Sequence[str], ks: Sequence[int]) -> list:
     return fields
 
 
+MIN_GAUSSIAN = 3  # training features below which Mahalanobis's Gaussian is degenerate
+
+
 class Baselines:
     """Fitted once on the ID training features (N, D); ``scores(z)`` gives every baseline field for (M, D)."""
 
@@ -41,6 +44,9 @@ class Baselines:
             self.train = train.float()  # (N, D), for the exact distances of the candidates
             self.bank = F.normalize(self.train, dim=1)  # (N, D), float32: for ranking only
         if "mahalanobis" in self.names:
+            if len(train) < MIN_GAUSSIAN:
+                raise ValueError(f"Mahalanobis needs at least {MIN_GAUSSIAN} training features, got {len(train)}: "
+                                 f"the covariance of 1 or 2 vectors is degenerate (every image would score alike)")
             from sklearn.covariance import LedoitWolf
             x = train.double().cpu().numpy()
             fit = LedoitWolf().fit(x)

@@ -2,6 +2,7 @@
 error boundary."""
 import argparse
 import logging
+import re
 import sys
 import typing
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
@@ -73,11 +74,22 @@ def parse_with_config(p: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     """Parse ``argv``; --help shows, beside each config flag, the value that the config the run will use
     sets (``config_in_use(argv)`` -> (that config, where it comes from))."""
     cfg, source = config_in_use(argv)
+    accept_negative_numbers(p)
     for action in getattr(p, "config_actions", []):
         action.help += _escape(f" [{source}: {_shown(value_at(cfg, action.config_key))}]")
     p.epilog = ("[FILE: VALUE] is what the config in use sets; a flag given overrides it, and --opt KEY=VALUE "
                 "overrides any config value.")
     return p.parse_args(argv)
+
+
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def accept_negative_numbers(p: argparse.ArgumentParser) -> None:
+    """Let ``--lr -1e-4`` reach the value checks ("must be in [0, inf)") instead of argparse's "expected
+    one argument": argparse takes "-1e-4" for a flag, as its number pattern has no exponent. It keeps
+    that pattern in a private attribute (Python 3.10-3.13), set here to one with exponents."""
+    p._negative_number_matcher = NEGATIVE_NUMBER
 
 
 def flag_values(argv: Optional[Sequence[str]], **defaults) -> argparse.Namespace:

@@ -324,6 +324,10 @@ def _check_eval_lists(cfg: Config, source: str) -> None:
             raise UserError(f"{source}: eval.groups names {name!r}, which is not an OOD set ({', '.join(e.ood)})")
     if not e.knn_k or any(k < 1 for k in e.knn_k):
         raise UserError(f"{source}: eval.knn_k must be a list of positive integers, got {e.knn_k}")
+    repeated = sorted({k for k in e.knn_k if e.knn_k.count(k) > 1})
+    if repeated:
+        raise UserError(f"{source}: eval.knn_k lists k = {', '.join(map(str, repeated))} more than once "
+                        f"({e.knn_k}); each k is one score column")
 
 
 def _check_ranges(cfg: Config, source: str) -> None:

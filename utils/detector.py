@@ -32,7 +32,7 @@ from utils.distributed import DistContext, resolve_device
 from utils.evaluation import SCORE_TYPES, Scorer
 from utils.features import compute_mode, image_batch_features, vector_keys
 from utils.model_factory import build_extractor
-from utils.prediction import DEFAULT_TPR, thresholds_at
+from utils.prediction import DEFAULT_TPR, thresholds_at, warn_if_few
 from utils.training import train
 
 try:  # pytorch-ood is optional: without it the detectors work the same, as plain classes
@@ -41,9 +41,9 @@ except ImportError:
     _Base = object
 
 Images = Union[torch.Tensor, np.ndarray, list, tuple]
-ACCEPTED = ("uint8 images (B, H, W[, 3]) or one (H, W[, 3]); uint8 or float (B, C, H, W) or one (C, H, W) with "
-            "C = 1 or 3, floats in [0, 1] as torchvision's ToTensor gives them; an (x, y) batch of a DataLoader; "
-            "or a list of PIL images, file paths or single images")
+ACCEPTED = ("image arrays or tensors by the rule of docs/USAGE.md (one image: (H, W), (H, W, C), (C, H, W); "
+            "batches: (B, H, W), (B, H, W, C), (B, C, H, W); C = 1, 3 or 4; uint8, or floats in [0, 1]); a DataLoader "
+            "batch (x, y, ...); or a list of PIL images, file paths or single images")
 
 
 class FeatureDetector(_Base):
@@ -87,6 +87,7 @@ class FeatureDetector(_Base):
         if not parts:
             raise ValueError(f"{type(self).__name__}.calibrate: the loader gave no images")
         scores = {t: torch.cat([p[t] for p in parts]).numpy() for t in parts[0]}
+        warn_if_few(len(next(iter(scores.values()))), tpr, f"{type(self).__name__}.calibrate")
         self.thresholds = thresholds_at(scores, tpr)
         return self.thresholds
 
@@ -158,7 +159,9 @@ class DLSRDetector(FeatureDetector):
         ckpt = load_checkpoint(path)
         det = cls(config_of(ckpt, config, f"config={DEFAULT_CONFIG!r} (or the config it was trained with)"),
                   device, score)
-        det.scorer = Scorer.from_checkpoints(det.cfg, det.ctx, {"end": ckpt}, path)
+        source = (f"config={config!r}" if isinstance(config, str) else "the config given" if config is not None
+                  else f"the config stored in {path}")
+        det.scorer = Scorer.from_checkpoints(det.cfg, det.ctx, {"end": ckpt}, source)
         det.extractor = det.scorer.extractor
         return det
 
@@ -181,8 +184,7 @@ class DLSRDetector(FeatureDetector):
         image digests that ``predict`` uses); by default a digest of each vector's own bytes does."""
         scorer = self._ready()
         z = self._checked(x, scorer.extractor.feature_dim, "predict_features")
-        if keys is None:
-            keys = vector_keys(z)
+        keys = vector_keys(z) if keys is None else _checked_keys(keys, len(z))
         scores = {t: torch.from_numpy(v) for t, v in scorer.scores(z, keys).items()}
         return scores if all_scores else scores[self.score]
 
@@ -197,6 +199,15 @@ class DLSRDetector(FeatureDetector):
             raise RuntimeError("DLSRDetector is not fitted: call fit(loader), fit_features(z) or "
                                "DLSRDetector.from_checkpoint(path) before predicting")
         return self.scorer
+
+
+def _checked_keys(keys, n: int) -> torch.Tensor:
+    """``keys`` as (n,) int64 on the CPU, or a ValueError: one integer per vector (``features()``'s image keys)."""
+    k = torch.as_tensor(keys) if not isinstance(keys, torch.Tensor) else keys
+    if k.dim() != 1 or len(k) != n or k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+        raise ValueError(f"DLSRDetector.predict_features: keys must be one integer per vector, shape ({n},) "
+                         f"(the image keys that features() returns), got {k.dtype} of shape {tuple(k.shape)}")
+    return k.to("cpu", torch.int64)
 
 
 class _BaselineDetector(FeatureDetector):
@@ -241,8 +252,8 @@ class KNNDetector(_BaselineDetector):
     name = "knn"
 
     def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, k: int = 1, device: Optional[str] = None):
-        if int(k) < 1:
-            raise ValueError(f"k must be a positive integer, got {k}")
+        if isinstance(k, bool) or not float(k).is_integer() or int(k) < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
         super().__init__(config, device, [int(k)])
         self.score = f"kNN_k{int(k)}"
 
@@ -260,38 +271,91 @@ class MahalanobisDetector(_BaselineDetector):
 
 # ---------------------------------------------------------------------- images as the ecosystem gives them
 
+CHANNELS = (1, 3, 4)
+IMAGE_RULE = ("One image or a batch: (H, W) is one grayscale image; (H, W, C) and (C, H, W) with C = 1, 3 or 4 "
+              "are one image (where both axes could be C, the smaller is; equal: the last); any other 3-D array is "
+              "a batch (B, H, W) of grayscale images (give a batch of 1, 3 or 4 of them as (B, 1, H, W)); "
+              "(B, H, W, C) and (B, C, H, W) are batches, C chosen the same way. uint8 values 0..255, or floats in [0, 1] (ToTensor's; rounded to the nearest of "
+              "0..255). RGBA loses its alpha channel, as predict.py's file reader does.")
+
+
+def _channel_axis(first: int, last: int) -> Optional[str]:
+    """Which of two candidate axes holds the channels: the one of size 1, 3 or 4; where both are,
+    the smaller ((B, 1, H, 4) is grayscale, (B, 3, 4, 4) is RGB); equal sizes: the last."""
+    fits = [name for name, n in (("first", first), ("last", last)) if n in CHANNELS]
+    if len(fits) == 2:
+        return "first" if first < last else "last"
+    return fits[0] if fits else None
+
+
+def _floats_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """[0, 1] floats (ToTensor's) -> uint8, rounded to nearest: the inverse of ToTensor's x / 255."""
+    arr = arr.astype(np.float32, copy=False)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
+        what = ("NaN or inf" if not (np.isfinite(lo) and np.isfinite(hi)) else
+                f"values down to {lo:.6g}" if lo < 0 else f"values up to {hi:.9g}")
+        hint = (" (they look normalised, e.g. by Normalize(mean, std): pass the images before normalising; "
+                "the backbone normalises them itself)" if np.isfinite(lo) and lo < 0 else "")
+        raise ValueError(f"float images must hold values between 0 and 1 (ToTensor's range); got {arr.dtype} "
+                         f"{tuple(arr.shape)} with {what}, outside it{hint}")
+    return np.rint(arr * 255.0).astype(np.uint8)
+
+
 def as_uint8_images(images: Images, size: int) -> torch.Tensor:
     """Any accepted image batch -> uint8 (B, size, size[, 3]), resized as every image of the project is.
 
-    Accepted (``ACCEPTED``): uint8 (B, H, W), (B, H, W, 3) or (B, C, H, W); one uint8 image (H, W) or
-    (H, W, 3); float tensors or arrays (B, C, H, W) or one (C, H, W) with C = 1 or 3 and values in
-    [0, 1] (torchvision's ToTensor: converted back to the same uint8 pixels, so they score as the
-    uint8 image does); ``(x, y)`` / ``[x, y]`` DataLoader batches (y ignored); lists of PIL images,
-    file paths or single images. Anything else is a ValueError naming what was received.
+    Arrays and tensors follow ``IMAGE_RULE`` (docs/USAGE.md, "One image, one score"): one image, or a
+    batch. Floats in [0, 1] (torchvision's ToTensor) are rounded back to the uint8 pixels, so they
+    score as the uint8 image does. A DataLoader batch ``(x, y, ...)`` (labels, one-hot labels,
+    indices: one per image) is its ``x``; a list holds PIL images, file paths or single images.
+    Anything else is a ValueError that names what was received and states the rule.
     """
     if isinstance(images, (list, tuple)):
-        if _is_pair(images):
-            return as_uint8_images(images[0], size)
+        if _is_loader_batch(images):
+            x = images[0]  # a batch by its labels' count: a 3-D x is (B, H, W) grayscale, whatever B is
+            return as_uint8_images(x[:, None] if x.ndim == 3 else x, size)
         if not images:
             raise ValueError("no images given (an empty list)")
         return torch.stack([_one_image(im, size) for im in images])
     if not isinstance(images, (torch.Tensor, np.ndarray)):
         raise ValueError(f"cannot read images from a {type(images).__name__}; accepted: {ACCEPTED}")
-    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    arr = _channels_last_uint8(arr)
-    if len(arr) == 0:
+    if isinstance(images, torch.Tensor):
+        t = images.detach().cpu()
+        arr = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+    else:
+        arr = np.asarray(images)
+    if arr.size == 0:
         raise ValueError(f"no images given (a batch of shape {tuple(images.shape)})")
+    arr = _channels_last_uint8(arr)
     if arr.shape[1:3] != (size, size):
         arr = resize_batch(arr, size)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _is_pair(items) -> bool:
-    """A DataLoader (x, y) batch: an image batch and one label per image (a 1-D sequence: no image is 1-D)."""
-    if len(items) != 2 or not isinstance(items[0], (torch.Tensor, np.ndarray)) or items[0].ndim < 3:
+def image_count(shape: tuple) -> int:
+    """How many images an array of ``shape`` holds by ``IMAGE_RULE`` (0 where the rule cannot read it)."""
+    if len(shape) == 2:
+        return 1
+    if len(shape) == 3:
+        return 1 if shape[-1] in CHANNELS or shape[0] in CHANNELS else shape[0]
+    if len(shape) == 4 and (shape[-1] in CHANNELS or shape[1] in CHANNELS):
+        return shape[0]
+    return 0
+
+
+def _is_loader_batch(items) -> bool:
+    """A DataLoader batch (x, y, ...): an image batch x (B, ...) and beside it only per-image values
+    (labels, one-hot labels, indices: 1-D or 2-D, B rows), never an image (a list of images has none of these)."""
+    if len(items) < 2 or not isinstance(items[0], (torch.Tensor, np.ndarray)) or items[0].ndim < 3:
         return False
-    y = items[1].cpu().numpy() if isinstance(items[1], torch.Tensor) else np.asarray(items[1])
-    return y.ndim == 1 and len(y) == len(items[0]) and y.dtype.kind in "iubfU"
+    n = len(items[0])
+    for extra in items[1:]:
+        if isinstance(extra, (list, tuple)) and not any(isinstance(e, (torch.Tensor, np.ndarray)) for e in extra):
+            extra = np.asarray(extra)
+        if not isinstance(extra, (torch.Tensor, np.ndarray)) or extra.ndim not in (1, 2) or len(extra) != n:
+            return False
+    return True
 
 
 def _one_image(im, size: int) -> torch.Tensor:
@@ -313,31 +377,31 @@ def _one_image(im, size: int) -> torch.Tensor:
 
 
 def _channels_last_uint8(arr: np.ndarray) -> np.ndarray:
-    """uint8 or [0, 1] float images in an accepted layout -> uint8 (B, H, W) or (B, H, W, 3)."""
+    """Images in any layout of ``IMAGE_RULE`` -> uint8 (B, H, W) or (B, H, W, 3)."""
     shape = tuple(arr.shape)
     if arr.dtype.kind == "f":
-        if arr.ndim == 3 and shape[0] in (1, 3):
-            arr = arr[None]
-        if arr.ndim != 4 or arr.shape[1] not in (1, 3):
-            raise ValueError(f"float images must be (B, C, H, W) or (C, H, W) with C = 1 or 3 (torchvision's "
-                             f"ToTensor layout), got shape {shape}; accepted: {ACCEPTED}")
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
-            hint = (" (they look normalised, e.g. by Normalize(mean, std): pass the images before normalising; "
-                    "the backbone normalises them itself)" if np.isfinite(lo) and np.isfinite(hi) and lo < 0 else "")
-            raise ValueError(f"float images must hold values in [0, 1] (ToTensor's range); got {arr.dtype} "
-                             f"{shape} with values in [{lo:.4g}, {hi:.4g}]{hint}")
-        arr = np.rint(arr * 255.0).astype(np.uint8)  # ToTensor divided uint8 by 255: this undoes it exactly
-        return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1]; got {arr.dtype} {shape}; "
-                         f"accepted: {ACCEPTED}")
+        arr = _floats_to_uint8(arr)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1]; got {arr.dtype} {shape}. {IMAGE_RULE}")
     if arr.ndim == 2:  # one grayscale image
-        return arr[None]
-    if arr.ndim == 3:  # one RGB image (H, W, 3), or a batch of grayscale images (B, H, W)
-        return arr[None] if shape[-1] == 3 else arr
-    if arr.ndim == 4 and shape[-1] == 3:
-        return arr
-    if arr.ndim == 4 and shape[1] in (1, 3):  # channels first, e.g. PILToTensor
-        return arr[:, 0] if shape[1] == 1 else arr.transpose(0, 2, 3, 1)
-    raise ValueError(f"cannot read uint8 images of shape {shape}; accepted: {ACCEPTED}")
+        arr = arr[None, ..., None]
+    elif arr.ndim == 3:
+        axis = _channel_axis(shape[0], shape[-1])
+        if axis == "last":  # one (H, W, C) image
+            arr = arr[None]
+        elif axis == "first":  # one (C, H, W) image (torchvision's read_image, PILToTensor, ToTensor)
+            arr = arr.transpose(1, 2, 0)[None]
+        else:  # a batch (B, H, W) of grayscale images
+            arr = arr[..., None]
+    elif arr.ndim == 4:
+        axis = _channel_axis(shape[1], shape[-1])
+        if axis == "first":  # (B, C, H, W)
+            arr = arr.transpose(0, 2, 3, 1)
+        elif axis is None:
+            raise ValueError(f"cannot read images of shape {shape}: no axis of 1, 3 or 4 channels. {IMAGE_RULE}")
+    else:
+        raise ValueError(f"cannot read images of shape {shape}. {IMAGE_RULE}")
+    channels = arr.shape[-1]
+    if channels == 1:
+        return arr[..., 0]
+    return arr[..., :3]  # RGBA: the alpha channel is dropped, as predict.py's reader (PIL's convert("RGB")) does

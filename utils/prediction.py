@@ -134,6 +134,17 @@ def thresholds_at(scores: Dict[str, np.ndarray], tpr: float) -> Dict[str, float]
     return {t: float(np.quantile(s, tpr)) for t, s in scores.items()}
 
 
+MIN_ABOVE = 5  # calibration images above the threshold for its quantile to mean something
+
+
+def warn_if_few(n: int, tpr: float, what: str) -> None:
+    """Say so when ``n`` calibration images are too few for the ``tpr`` quantile (fewer than MIN_ABOVE above it)."""
+    if n * (1 - tpr) < MIN_ABOVE:
+        log.warning("%s: %d calibration image(s) are few for a threshold that accepts %g of them: the quantile "
+                    "falls between %d score(s); %d or more give it %d images above", what, n, tpr, n,
+                    math.ceil(MIN_ABOVE / (1 - tpr)), MIN_ABOVE)
+
+
 def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:
     """Thresholds from the calibration set ``spec``, computed once and kept in the feature cache folder
     (the ranks agree on it as on a feature cache file: ``agreed_record``).
@@ -146,15 +157,21 @@ def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:
     path = keyed_path(cfg.feature_cache_dir, "calibration", key, ".json")
 
     def share(own, src: int) -> dict:
-        values = torch.tensor([own["thresholds"][t] for t in SCORE_TYPES] if own else [0.0] * len(SCORE_TYPES),
-                              dtype=torch.float64)
+        values = torch.tensor([own[f][t] for f in ("thresholds", "accepted") for t in SCORE_TYPES] if own
+                              else [0.0] * 2 * len(SCORE_TYPES), dtype=torch.float64)
         values = broadcast_from(values, src, ctx).cpu().tolist()
-        return {"key": key, "thresholds": dict(zip(SCORE_TYPES, values)), "images": len(dataset)}
+        n = len(SCORE_TYPES)
+        return {"key": key, "thresholds": dict(zip(SCORE_TYPES, values[:n])),
+                "accepted": {t: int(v) for t, v in zip(SCORE_TYPES, values[n:])}, "images": len(dataset)}
 
     def compute() -> dict:
         feats = scorer.set_features(dataset, desc="calibration: features")
         scores = scorer.scores(feats.z, feats.keys, desc="calibration: ", shared=True)
-        return {"key": key, "thresholds": thresholds_at(scores, tpr), "images": len(dataset)}
+        thresholds = thresholds_at(scores, tpr)
+        if ctx.is_main:
+            warn_if_few(len(dataset), tpr, f"calibration on {spec}")
+        return {"key": key, "thresholds": thresholds, "images": len(dataset),
+                "accepted": {t: int((scores[t] <= thresholds[t]).sum()) for t in SCORE_TYPES}}
 
     record, held = agreed_record(ctx, path, lambda: _read_record(path, key), share, compute,
                                  lambda rec: atomic_write_text(path, json.dumps(rec, indent=2)))
@@ -162,7 +179,8 @@ def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:
 
 
 def _public(record: dict, spec: str, tpr: float) -> dict:
-    return {"thresholds": record["thresholds"], "images": record["images"], "set": spec, "tpr": tpr}
+    return {"thresholds": record["thresholds"], "images": record["images"], "accepted": record["accepted"], "set": spec,
+            "tpr": tpr}
 
 
 def _read_record(path: str, key: dict):
@@ -171,7 +189,7 @@ def _read_record(path: str, key: dict):
             record = json.load(f)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("key") == key else None
+    return record if isinstance(record, dict) and record.get("key") == key and "accepted" in record else None
 
 
 def predict_files(scorer: Scorer, files: List[str], thresholds: Dict[str, float], score: str, output: str) -> dict:
@@ -290,11 +308,12 @@ def run_prediction(cfg: Config, ckpt: LoadedCheckpoint, files: List[str], output
             if not ctx.is_main:
                 return None
             summary = {"checkpoint": ckpt.path, "score": score, "tpr": tpr, "thresholds": calibration["thresholds"],
-                       "calibration": {"set": calibration["set"], "images": calibration["images"]},
+                       "calibration": {"set": calibration["set"], "images": calibration["images"],
+                                       "accepted": calibration["accepted"]},
                        "settings": {k: v for k, v in scorer.meta().items() if k not in ("checkpoints", "fpr95")},
                        "counts": counts, "csv": output}
             atomic_write_text(summary_path, json.dumps(summary, indent=2))
             print(f"{counts['scored']} scored, {counts['flagged']} flagged OOD, {counts['unreadable']} unreadable "
-                  f"({score} > {calibration['thresholds'][score]:.6g}: {tpr:g} of "
-                  f"{calibration['images']} {calibration['set']} images accepted) -> {output}")
+                  f"({score} > {calibration['thresholds'][score]:.6g}: {calibration['accepted'][score]} of "
+                  f"{calibration['images']} {calibration['set']} images accepted, --tpr {tpr:g}) -> {output}")
             return summary

@@ -60,6 +60,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=BENCHMARK_OUT)
     args = p.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed given twice would count one run twice in the "
+                f"mean and the spread")
     out = os.path.join(ROOT, args.out)
     cache = os.path.join(out, "feature_cache")
     start = time.perf_counter()
@@ -81,7 +84,7 @@ def main() -> None:
                 merged.setdefault("metrics", {}).update(json.load(f)["metrics"])
         results.append(merged)
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    with open(os.path.join(out, "seed-0", "results-mse-mfsim", "results.json")) as f:
+    with open(os.path.join(out, f"seed-{args.seeds[0]}", "results-mse-mfsim", "results.json")) as f:  # this run's
         baselines = json.load(f)["meta"]["baselines"]
     fields = ["MFsim", "MSE", "LR_MFsim", "LR_MSE", *baselines]
     table = collect(results)

@@ -37,6 +37,16 @@ def trained_epochs(ckpt_dir: str) -> int:
         return 1 + max((json.loads(line)["epoch"] for line in f if line.strip()), default=-1)
 
 
+def check_setting(setting: str):
+    """Why ``setting`` is not SIZE:WIDTHxDEPTH:EPOCHS with a known network (None if it is)."""
+    parts = setting.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit() or int(parts[0]) < 1 or int(parts[2]) < 1:
+        return "expected SIZE:WIDTHxDEPTH:EPOCHS, e.g. 64:512x2:20"
+    if parts[1] not in NETWORKS:
+        return f"unknown network {parts[1]!r}; one of {', '.join(NETWORKS)}"
+    return None
+
+
 def row(setting: str, out: str, cache: str) -> dict:
     size, net, epochs = setting.split(":")
     width, temb, depth = NETWORKS[net]
@@ -92,6 +102,10 @@ def main() -> None:
     rows_path = os.path.join(out, "rows.json")
     rows = json.load(open(rows_path)) if os.path.isfile(rows_path) else []
     settings = args.only.split(",") if args.only else DEFAULT
+    for setting in settings:
+        bad = check_setting(setting)
+        if bad:
+            p.error(f"--only {setting!r}: {bad}")
     for setting in settings:
         if any(r["setting"] == setting for r in rows):
             continue

@@ -36,7 +36,12 @@ def build_dataset(spec: str, split: str, data_path: str, image_size: int, downlo
     kind, _, arg = base_spec.partition(":")
     if kind not in BUILDERS:
         raise UserError(f"unknown dataset {spec!r}; known: {', '.join(KNOWN_SPECS)}")
-    ds = BUILDERS[kind](arg, split, data_path, image_size, download)
+    try:
+        ds = BUILDERS[kind](arg, split, data_path, image_size, download)
+    except DatasetMissing:
+        raise
+    except UserError as e:  # a malformed spec: say which
+        raise UserError(f"dataset {spec!r}: {e}") from None
     if at:
         ds = select_classes(ds, base_spec, class_list)
     ds.name = spec
@@ -196,7 +201,7 @@ def _count(arg: str, default: int) -> int:
     except ValueError:
         raise UserError(f"expected an image count, got {arg!r}") from None
     if n <= 0:
-        raise UserError(f"image count must be positive, got {n}")
+        raise UserError(f"the image count (after the last ':') must be positive, got {n}")
     return n
 
 

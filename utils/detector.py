@@ -17,6 +17,7 @@ scores through the same engine as the evaluation scripts and ``predict.py``, so 
 same scores from all of them; the baselines are the evaluation tables' own code (``Baselines``).
 """
 import os
+import re
 from typing import Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -55,7 +56,7 @@ class FeatureDetector(_Base):
 
     def __init__(self, config: Union[str, Config] = DEFAULT_CONFIG, device: Optional[str] = None):
         self.cfg = load_config(config) if isinstance(config, str) else config
-        self.ctx = DistContext(0, 1, 0, resolve_device(device or self.cfg.device))
+        self.ctx = DistContext(0, 1, 0, resolve_device(checked_device(device or self.cfg.device)))
         self.extractor: Optional[MultiLayerFeatures] = None
         self.thresholds: Optional[Dict[str, float]] = None
         self.score = ""  # the headline score type, set by the subclass
@@ -103,7 +104,7 @@ class FeatureDetector(_Base):
 
     def to(self, device: Union[str, torch.device]) -> "FeatureDetector":
         """Move the detector (backbone, networks, fitted state) to ``device``."""
-        self.ctx = DistContext(0, 1, 0, resolve_device(str(device)))
+        self.ctx = DistContext(0, 1, 0, resolve_device(checked_device(str(device))))
         if self.extractor is not None:
             self.extractor.to(self.ctx.device)
         return self
@@ -358,12 +359,22 @@ def _is_loader_batch(items) -> bool:
     return True
 
 
+def checked_device(device: str) -> str:
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
 def _one_image(im, size: int) -> torch.Tensor:
     """A path, a PIL image or one array image -> uint8 (size, size, 3)."""
     if isinstance(im, (str, os.PathLike)):
-        with Image.open(im) as opened:
-            opened.load()
-            return to_rgb_resized(opened, size)
+        try:
+            with Image.open(im) as opened:
+                opened.load()
+                return to_rgb_resized(opened, size)
+        except (OSError, ValueError) as e:  # missing, unreadable, not an image
+            raise ValueError(f"cannot read the image file {os.fspath(im)!r}: {getattr(e, 'strerror', None) or e}") \
+                from None
     if isinstance(im, Image.Image):
         return to_rgb_resized(im, size)
     if isinstance(im, (torch.Tensor, np.ndarray)):

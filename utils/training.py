@@ -395,7 +395,7 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
           overwrite: bool = False) -> Optional[Trainer]:
     """The whole run: check and lock the output folder, build, then epochs from ``start_epoch``;
     returns the trainer at the end (None when ``resume`` names a run that is already complete)."""
-    stop_unless_main_agrees(lambda: _output_problem(cfg, resume, overwrite), ctx)
+    stop_unless_main_agrees(lambda: _output_problem(cfg, resume, overwrite, init_from), ctx)
     with folder_lock(os.path.join(cfg.output_dir, ".lock"), f"output folder {cfg.output_dir!r}") \
             if ctx.is_main else nullcontext():
         if ctx.is_main and overwrite and resume is None:
@@ -418,8 +418,14 @@ def train(cfg: Config, ctx: DistContext, resume: Optional[str] = None, init_from
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+|last)\.pth")
 
 
-def _output_problem(cfg: Config, resume: Optional[str], overwrite: bool) -> Optional[str]:
+def _output_problem(cfg: Config, resume: Optional[str], overwrite: bool,
+                    init_from: Optional[str] = None) -> Optional[str]:
     """Why rank 0 may not train into cfg.output_dir (None if it may), checked before any work."""
+    if resume and overwrite:
+        return "--resume continues a run and --overwrite deletes it to start afresh: give one of them"
+    if resume and init_from:
+        return ("--resume continues a run from its own weights and --pre_ckpt_path starts a new run from other "
+                "weights: give one of them")
     try:
         for folder, what in ((cfg.output_dir, "output folder"), (cfg.log_folder, "log folder"),
                              (cfg.feature_cache_dir, "feature cache folder")):

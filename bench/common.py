@@ -63,6 +63,9 @@ def paired(fn_a, fn_b, repeats: int = 5, warmup: int = 1):
     return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
+NO_RECORD_ENV = "DLSR_BENCH_NO_RECORD"
+
+
 def record(title: str, rows: list, notes: str = "") -> None:
     """Print the rows and append them, dated, with machine and command, to bench/RESULTS.md."""
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
@@ -73,8 +76,9 @@ def record(title: str, rows: list, notes: str = "") -> None:
     lines += ["", "| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(RESULTS, "a") as f:
-        f.write(text)
+    if os.environ.get(NO_RECORD_ENV) != "1":  # bench/gpu_check.py's dry run on a CPU sets it: no row for that
+        with open(RESULTS, "a") as f:
+            f.write(text)
 
 
 def run(script: str, *args: str) -> None:

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,7 @@ def main():
 
     def sigterm():
         out_dir = os.path.join(work, "sigterm")
+        shutil.rmtree(out_dir, ignore_errors=True)  # a log.txt of an earlier check would be taken for this run's
         cmd = [sys.executable, "main.py", "--config", DEMO, *common, "--output_dir", out_dir, "--device", dev,
                "--overwrite", "--epochs", "50", "--num_workers", "4", "--opt", "train.cache_features=false"]
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -202,7 +204,8 @@ def main():
 
     def throughput():
         n = "64" if args.cpu_dry_run else "2048" if args.quick else "8192"
-        code, out, err = run([sys.executable, "bench/gpu_eval.py", "--images", n], 300)
+        code, out, err = run([sys.executable, "bench/gpu_eval.py", "--images", n], 300,
+                             env={"DLSR_BENCH_NO_RECORD": "1"} if args.cpu_dry_run else None)
         check(code, out, err, "bench/gpu_eval.py")
         return {"rows": out.strip().splitlines()[-24:]}
 

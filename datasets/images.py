@@ -160,21 +160,16 @@ def list_images(root: str) -> list:
     return sorted(files)
 
 
-class FolderImages(ImageSet):
-    """Every image file below ``root`` (any depth: ImageFolder class folders or a flat folder), sorted by path."""
+class ListedImages(ImageSet):
+    """Image files below ``root``, in the order given: the content of a folder (``FolderImages``) or
+    of an image list (``datasets/openood.py``). Its identity is each file's path below ``root``, size
+    and modification time, in order: a file rewritten in place gives another cache key."""
 
-    def __init__(self, name: str, root: str, image_size: int):
+    def __init__(self, name: str, root: str, files: Sequence[str], image_size: int, labels=None, classes=None):
         super().__init__(image_size)
-        self.name = name
-        self.root = root
-        self.files = list_images(root)
-        # ImageFolder classes: the first folder level below root (files directly in root have none, -1).
-        tops = [os.path.relpath(f, root).split(os.sep) for f in self.files]
-        self.classes = sorted({t[0] for t in tops if len(t) > 1})
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = np.array([index[t[0]] if len(t) > 1 else -1 for t in tops], dtype=np.int64)
-        if not self.files:
-            raise UserError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.name, self.root, self.files = name, root, list(files)
+        if labels is not None:
+            self.labels, self.classes = np.asarray(labels, dtype=np.int64), list(classes)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -198,6 +193,20 @@ class FolderImages(ImageSet):
                                 f"(a broken link?)") from None
             h.update(f"{os.path.relpath(f, self.root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
+
+
+class FolderImages(ListedImages):
+    """Every image file below ``root`` (any depth: ImageFolder class folders or a flat folder), sorted by path."""
+
+    def __init__(self, name: str, root: str, image_size: int):
+        files = list_images(root)
+        if not files:
+            raise UserError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        # ImageFolder classes: the first folder level below root (files directly in root have none, -1).
+        tops = [os.path.relpath(f, root).split(os.sep) for f in files]
+        classes = sorted({t[0] for t in tops if len(t) > 1})
+        index = {c: i for i, c in enumerate(classes)}
+        super().__init__(name, root, files, image_size, [index[t[0]] if len(t) > 1 else -1 for t in tops], classes)
 
 
 class PILImages(ImageSet):

@@ -13,11 +13,12 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 
+from datasets import openood
 from datasets.images import ArrayImages, FolderImages, ImageSet, PILImages, SubsetImages
 from errors import UserError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # val: OpenOOD's ID validation lists only
 
 
 class DatasetMissing(UserError):
@@ -36,12 +37,14 @@ def build_dataset(spec: str, split: str, data_path: str, image_size: int, downlo
     kind, _, arg = base_spec.partition(":")
     if kind not in BUILDERS:
         raise UserError(f"unknown dataset {spec!r}; known: {', '.join(KNOWN_SPECS)}")
+    if split == "val" and kind != "openood":
+        raise UserError(f"{spec} has no validation split (only openood:BENCH sets have one)")
     try:
         ds = BUILDERS[kind](arg, split, data_path, image_size, download)
     except DatasetMissing:
         raise
-    except UserError as e:  # a malformed spec: say which
-        raise UserError(f"dataset {spec!r}: {e}") from None
+    except UserError as e:  # a malformed spec: say which, where the message does not
+        raise (e if base_spec in str(e) else UserError(f"dataset {spec!r}: {e}")) from None
     if at:
         ds = select_classes(ds, base_spec, class_list)
     ds.name = spec
@@ -243,6 +246,13 @@ def _noise(arg, split, data_path, size, download):
     return ArrayImages(f"noise:{kind}", a.astype(np.uint8), size)
 
 
+def _openood(arg, split, data_path, size, download):
+    try:
+        return openood.build(arg, split, data_path, size, download)
+    except openood.MissingData as e:
+        raise DatasetMissing(str(e)) from None
+
+
 BUILDERS: Dict[str, Callable[..., ImageSet]] = {
     "cifar10": _cifar("CIFAR10", "cifar-10-batches-py"),
     "cifar100": _cifar("CIFAR100", "cifar-100-python"),
@@ -255,6 +265,8 @@ BUILDERS: Dict[str, Callable[..., ImageSet]] = {
     "digits": _digits,
     "photos": _photos,
     "noise": _noise,
+    "openood": _openood,
 }
 KNOWN_SPECS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "kmnist", "celeba", "folder:PATH",
+               "openood:BENCH[/SET]",
                "digits", "photos[:N]", "noise:gaussian[:N]", "noise:uniform[:N]")

@@ -38,6 +38,25 @@ def fpr_at_95(id_scores, ood_scores, convention: str = "release") -> float:
     raise ValueError(f"FPR95 convention must be one of {FPR95_CONVENTIONS}, got {convention!r}")
 
 
+OPENOOD_COLUMNS = ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT")
+
+
+def openood_metrics(id_scores, ood_scores) -> Dict[str, float]:
+    """The metrics as OpenOOD v1.5's evaluator defines them, each in [0, 1] (docs/METHOD.md §7):
+    FPR@95 with OOD positive (the "ood_positive" convention), AUROC, and AUPR_IN / AUPR_OUT as the
+    trapezoidal area under the precision-recall curve with ID / OOD positive (not the average
+    precision of ``ood_metrics``, which differs slightly)."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_auc_score  # here: ~2 s to import
+
+    id_s, ood_s = _check("ID", id_scores), _check("OOD", ood_scores)
+    ood = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
+    scores = np.r_[id_s, ood_s]
+    p_in, r_in, _ = precision_recall_curve(1 - ood, -scores)
+    p_out, r_out, _ = precision_recall_curve(ood, scores)
+    return {"FPR@95": fpr_at_95(id_s, ood_s, "ood_positive"), "AUROC": float(roc_auc_score(ood, scores)),
+            "AUPR_IN": float(auc(r_in, p_in)), "AUPR_OUT": float(auc(r_out, p_out))}
+
+
 def ood_metrics(id_scores, ood_scores, fpr95: str = "release") -> Dict[str, float]:
     """AUROC, FPR95, AUPR-In (ID positive), AUPR-Out (OOD positive), each in [0, 1]."""
     from sklearn.metrics import average_precision_score, roc_auc_score  # here: scikit-learn takes ~2 s to import

@@ -19,6 +19,7 @@ from errors import UserError
 from utils.atomic import atomic_file, atomic_write_text, temp_name
 from utils.config import GROUPS
 from utils.features import file_stem
+from utils.metrics import OPENOOD_COLUMNS, openood_metrics
 from utils.rundir import cause, check_writable, foreign_files, lock_beside, replace_folder
 
 log = logging.getLogger("dlsr")
@@ -69,6 +70,39 @@ def summary_rows(rows: Dict[str, Optional[dict]], groups: Dict[str, str]) -> Lis
         if members:
             out.append((f"{group} mean", mean_row(members)))
     return out + [("mean", mean_row(rows))]
+
+
+def openood_fields(result: EvalResult) -> List[str]:
+    """The fields that get OpenOOD's table: the headline and each baseline, when the OOD sets are
+    grouped into near and far (OpenOOD's nearood / farood rows)."""
+    groups = set(result.meta.get("groups", {}).values())
+    if not {"near", "far"} <= groups:
+        return []
+    return [result.headline, *result.meta.get("baselines", [])]
+
+
+def openood_file(field: str, headline: str) -> str:
+    return "openood.csv" if field == headline else f"openood_{file_stem(field)}.csv"
+
+
+def openood_csv(result: EvalResult, field: str) -> str:
+    """OpenOOD's evaluator table of one score: the near sets in order, ``nearood`` (their mean), the
+    far sets in order, ``farood``; columns FPR@95, AUROC, AUPR_IN, AUPR_OUT in percent, by OpenOOD's
+    own metric definitions (``openood_metrics``), computed from the saved scores."""
+    groups, id_scores = result.meta.get("groups", {}), result.sets[ID_NAME].scores[field]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["", *OPENOOD_COLUMNS])
+    for group, mean_name in (("near", "nearood"), ("far", "farood")):
+        rows = []
+        for name, s in result.sets.items():
+            if name != ID_NAME and groups.get(name) == group and s.features_from != "missing":
+                m = openood_metrics(id_scores, s.scores[field])
+                rows.append([100 * m[c] for c in OPENOOD_COLUMNS])
+                w.writerow([name, *(f"{v:.4f}" for v in rows[-1])])
+        if rows:
+            w.writerow([mean_name, *(f"{v:.4f}" for v in np.mean(rows, axis=0))])
+    return buf.getvalue()
 
 
 def _pct(x: Optional[float]) -> str:
@@ -137,7 +171,7 @@ def results_csv(result: EvalResult) -> str:
     return buf.getvalue()
 
 
-OUTPUT_PREFIXES = ("results.", "scores", "features", "roc_", "hist_")
+OUTPUT_PREFIXES = ("results.", "scores", "features", "roc_", "hist_", "openood", "choose_k.json")
 
 
 def check_output_dir(output_dir: str, cache_dir: str) -> Optional[str]:
@@ -194,9 +228,11 @@ def _write_all(result: EvalResult, output_dir: str, save_features: bool, plots: 
             with atomic_file(path) as fh:
                 np.save(fh, s.features)
             written.append(path)
-    for fname, text in (("results.md", format_markdown(result)),
-                        ("results.json", json.dumps(results_json(result), indent=2)),
-                        ("results.csv", results_csv(result))):
+    tables = [("results.md", format_markdown(result)), ("results.json", json.dumps(results_json(result), indent=2)),
+              ("results.csv", results_csv(result))]
+    for score in openood_fields(result):
+        tables.append((openood_file(score, result.headline), openood_csv(result, score)))
+    for fname, text in tables:
         path = os.path.join(output_dir, fname)
         atomic_write_text(path, text)
         written.append(path)

@@ -199,6 +199,10 @@ def ranked(tmp_path_factory):
     seq = run_recorded(t.tmp, "train", "main.py", "--config", t.config)
     # 3 steps an epoch (96 / (16 x 2)) of one all-reduce each, and the output folder check (ranks_holding)
     assert seq.count("all_reduce (2,) torch.float32") == 2 * 3 + 1
+    # From cached features (extracted by both ranks together: the keys and features gathered).
+    seq = run_recorded(t.tmp, "train-cached", "main.py", "--config", t.config, "--epochs", "1", "--output_dir",
+                       str(t.tmp / "cached"), "--opt", "train.cache_features=true")
+    assert sum(line.startswith("all_gather") for line in seq) == 2
     return t
 
 
@@ -259,3 +263,24 @@ def test_sigterm_to_the_process_group_with_decoding_workers_saves_and_exits_143(
     assert "stopped: SIGTERM received" in err and "killed by signal" not in err
     ck = load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth"))
     assert 1 <= ck.epoch < 39
+
+
+def test_a_training_step_reads_the_device_once(tiny, monkeypatch):
+    """Each read of a device value (item, tolist, bool, float) by our code is a wait for the GPU: one a
+    step, the loss and the stop flag together. (PyTorch's own reads are not counted: AdamW's step
+    counters live on the CPU; under AMP the grad scaler reads one flag.)"""
+    from utils.training import build_trainer
+    cfg = load_config(tiny.write(train={"batch_size": 16, "subset": 64}))
+    trainer = build_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")), features=torch.randn(64, 512))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(ROOT + os.sep + "utils"):
+                reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    stats = trainer.train_one_epoch(0)
+    monkeypatch.undo()
+    assert stats["steps"] == 4 and reads == ["tolist"] * 4

@@ -51,6 +51,8 @@ CLI_CASES = {
     "an unknown --opt key": ("main.py", ["--config", "CFG", "--opt", "train.nonexistent=1"], "unknown config key"),
     "a log folder that is a file": ("main.py", ["--config", "CFG", "--log_dir", "TMP/img.png"], "is a file"),
     "zero epochs": ("main.py", ["--config", "CFG", "--epochs", "0"], "train.epochs must be positive"),
+    "new weights that overwrite deletes": ("main.py", ["--config", "CFG", "--pre_ckpt_path", "CKPT", "--overwrite",
+                                                       "--output_dir", "CKPTDIR"], "one of the checkpoints that"),
     "tpr of 1": ("predict.py", ["--checkpoint", "CKPT", "--images", "TMP/img.png", "--tpr", "1"], "exclusive"),
     "tpr NaN": ("predict.py", ["--checkpoint", "CKPT", "--images", "TMP/img.png", "--tpr", "nan"], "exclusive"),
     "an empty file list": ("predict.py", ["--checkpoint", "CKPT", "--images", "@TMP/emptylist.txt"],

@@ -43,7 +43,7 @@ from utils.features import (autocast, compute_mode, decoded, features_for, image
 from utils.model_factory import build_diffusion, build_extractor, build_lfdn
 from utils.preemption import StopRequest, stop_requests
 from utils.progress import progress
-from utils.rundir import cause, check_writable, folder_lock
+from utils.rundir import cause, check_writable, folder_lock, same_file
 
 log = logging.getLogger("dlsr")
 
@@ -434,6 +434,9 @@ def _output_problem(cfg: Config, resume: Optional[str], overwrite: bool,
     except UserError as e:
         return str(e)
     existing = sorted(n for n in os.listdir(cfg.output_dir) if CHECKPOINT_NAME.fullmatch(n))
+    if overwrite and init_from and any(same_file(init_from, os.path.join(cfg.output_dir, n)) for n in existing):
+        return (f"--pre_ckpt_path {init_from!r} is one of the checkpoints that --overwrite deletes in "
+                f"{cfg.output_dir!r}; copy it elsewhere first, or train into another --output_dir")
     if existing and resume is None and not overwrite:
         return (f"output folder {cfg.output_dir!r} already holds checkpoints of a run ({', '.join(existing[:3])}"
                 f"{', ...' if len(existing) > 3 else ''}); continue it with --resume "

@@ -266,3 +266,55 @@ def test_oneclass_main_fits_the_baselines_on_the_id_class_training_features_only
     assert len(fitted) == 1 and torch.equal(fitted[0], z[torch.from_numpy(ds.labels == 3)])
     result = json.loads((tmp_path / "out" / "oneclass.json").read_text())
     assert set(result["classes"]["3"]) == set(oneclass.METHODS)
+
+
+# ------------------------------------------------------------------ survivors of make mutate (issue 30)
+
+def test_a_value_in_a_message_is_kept_whole_up_to_the_limit_and_cut_after():
+    from utils.config import one_line_value
+    exact = ["x" * 16] * 4  # its repr is 80 characters
+    assert len(repr(exact)) == 80 and one_line_value(exact) == repr(exact)
+    longer = ["x" * 17] * 4
+    assert one_line_value(longer) == repr(longer)[:76] + " ..." and len(one_line_value(longer)) == 80
+
+
+def test_an_unknown_section_in_opt_is_an_error_naming_the_key():
+    proc = run_inprocess("main.py", "--opt", "nope.x=1", check=False)
+    assert proc.returncode == 2 and "unknown config key 'nope.x'" in proc.stderr
+
+
+def test_backbone_layers_are_checked_against_the_backbones_taps(tiny):
+    from errors import UserError
+    from utils.config import load_config
+    with pytest.raises(UserError, match="backbone.layers must list taps of efficientnet-lite0 among 0..4, got \\[5\\]"):
+        load_config(tiny.write(backbone={"name": "efficientnet-lite0", "input_size": 32, "layers": [5]}))
+    assert load_config(tiny.write(backbone={"name": "efficientnet-lite0", "input_size": 32,
+                                            "layers": [4]})).backbone.layers == [4]
+
+
+def test_the_few_calibration_images_warning_at_its_bounds(caplog):
+    import logging
+
+    from utils.prediction import warn_if_few
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        warn_if_few(10, 0.5, "a")    # 5 above the threshold: enough
+        warn_if_few(50, 0.95, "b")   # 2.5 above: too few
+        warn_if_few(100, 0.9, "c")   # 10 above: enough
+    said = [r.message for r in caplog.records if "are few" in r.message]
+    assert len(said) == 1 and said[0].startswith("b: 50 calibration image(s)") and "100 or more" in said[0]
+
+
+def test_a_calibration_record_of_another_key_is_never_used(tmp_path):
+    import json as _json
+
+    from utils.prediction import _read_record
+    path = tmp_path / "calibration.json"
+    key = {"version": 1, "set": "digits", "tpr": 0.95}
+    record = {"key": {**key, "tpr": 0.9}, "thresholds": {"MSE": 1.0, "MFsim": 0.0}, "images": 3,
+              "accepted": {"MSE": 2, "MFsim": 2}}
+    path.write_text(_json.dumps(record))
+    assert _read_record(str(path), key) is None  # the same file name, another key inside
+    path.write_text(_json.dumps({**record, "key": key}))
+    assert _read_record(str(path), key)["images"] == 3
+    path.write_text(_json.dumps({k: v for k, v in {**record, "key": key}.items() if k != "accepted"}))
+    assert _read_record(str(path), key) is None  # a record of before the counts: computed again

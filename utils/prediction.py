@@ -157,12 +157,13 @@ def calibrate(scorer: Scorer, spec: str, tpr: float) -> dict:
     path = keyed_path(cfg.feature_cache_dir, "calibration", key, ".json")
 
     def share(own, src: int) -> dict:
-        values = torch.tensor([own[f][t] for f in ("thresholds", "accepted") for t in SCORE_TYPES] if own
-                              else [0.0] * 2 * len(SCORE_TYPES), dtype=torch.float64)
+        slots = [(f, t) for f in ("thresholds", "accepted") for t in SCORE_TYPES]  # one number each, in order
+        values = torch.tensor([float(own[f][t]) if own else 0.0 for f, t in slots], dtype=torch.float64)
         values = broadcast_from(values, src, ctx).cpu().tolist()
-        n = len(SCORE_TYPES)
-        return {"key": key, "thresholds": dict(zip(SCORE_TYPES, values[:n])),
-                "accepted": {t: int(v) for t, v in zip(SCORE_TYPES, values[n:])}, "images": len(dataset)}
+        record = {"key": key, "thresholds": {}, "accepted": {}, "images": len(dataset)}
+        for (f, t), v in zip(slots, values):
+            record[f][t] = v if f == "thresholds" else int(v)
+        return record
 
     def compute() -> dict:
         feats = scorer.set_features(dataset, desc="calibration: features")

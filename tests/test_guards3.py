@@ -318,3 +318,40 @@ def test_a_calibration_record_of_another_key_is_never_used(tmp_path):
     assert _read_record(str(path), key)["images"] == 3
     path.write_text(_json.dumps({k: v for k, v in {**record, "key": key}.items() if k != "accepted"}))
     assert _read_record(str(path), key) is None  # a record of before the counts: computed again
+
+
+def test_dev_shm_that_holds_every_worker_leaves_the_count_and_says_nothing(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from utils import features
+    batch = 10 * 2 ** 20
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda _: SimpleNamespace(free=2 * 2 * batch * 4))
+    monkeypatch.setattr(features, "_said_shm", [])
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        assert features.shm_workers(4, batch) == 4  # exactly enough: half the free space holds 4 x 2 batches
+    assert not [r for r in caplog.records if "/dev/shm" in r.message]
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        assert features.shm_workers(5, batch) == 4
+    assert len([r for r in caplog.records if "decoding with 4 worker(s) instead of 5" in r.message]) == 1
+
+
+def test_a_feature_cache_file_of_another_key_is_never_used(tmp_path):
+    from utils.features import _read_valid
+    path = str(tmp_path / "f.pt")
+    key = {"version": 4, "split": "test"}
+    torch.save({"key": {**key, "split": "train"}, "features": torch.zeros(3, 5), "image_keys": torch.zeros(3)}, path)
+    assert _read_valid(path, key, (3, 5)) is None  # the same file name, another key inside
+    torch.save({"key": key, "features": torch.zeros(3, 5), "image_keys": torch.zeros(3)}, path)
+    assert _read_valid(path, key, (3, 5)) is not None and _read_valid(path, key, (4, 5)) is None
+
+
+def test_tf32_is_turned_off_with_the_switches_of_older_pytorch_too(monkeypatch):
+    from types import SimpleNamespace
+
+    from utils.features import exact_fp32_on_cuda
+    cudnn, matmul = SimpleNamespace(allow_tf32=True), SimpleNamespace(allow_tf32=True)  # PyTorch < 2.9: no .conv
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    exact_fp32_on_cuda()
+    assert cudnn.allow_tf32 is False and matmul.allow_tf32 is False

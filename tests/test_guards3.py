@@ -333,7 +333,8 @@ def test_dev_shm_that_holds_every_worker_leaves_the_count_and_says_nothing(monke
     assert not [r for r in caplog.records if "/dev/shm" in r.message]
     with caplog.at_level(logging.WARNING, logger="dlsr"):
         assert features.shm_workers(5, batch) == 4
-    assert len([r for r in caplog.records if "decoding with 4 worker(s) instead of 5" in r.message]) == 1
+    said = [r.message for r in caplog.records if "decoding with 4 worker(s) instead of 5" in r.message]
+    assert len(said) == 1 and "each queues ~20 MB" in said[0] and "has 160 MB free" in said[0]
 
 
 def test_a_feature_cache_file_of_another_key_is_never_used(tmp_path):

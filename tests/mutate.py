@@ -16,6 +16,7 @@ import copy
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,9 @@ def main() -> None:
     p.add_argument("--tests", nargs="+", default=["tests"], help="test files or folders (default: the whole suite)")
     p.add_argument("--limit", type=int, default=30, help="mutants to try, drawn at random (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=int, default=0,
+                   help="seconds a mutant's run may take; past it the mutant counts as caught (a hang fails the "
+                        "suite too: its multi-process tests time out), marked so (default: no limit)")
     args = p.parse_args()
     source = open(os.path.join(ROOT, args.module)).read()
     tree = ast.parse(source)
@@ -107,12 +111,18 @@ def main() -> None:
             node, _, _, what = sites(tree)[index]
             with open(target, "w") as f:
                 f.write(mutant(tree, index))
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args.tests],
-                                  cwd=work, capture_output=True, text=True)
-            caught = proc.returncode != 0
+            proc = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args.tests],
+                                    cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            try:
+                caught, how = proc.wait(timeout=args.timeout or None) != 0, ""
+            except subprocess.TimeoutExpired:
+                caught, how = True, " (timed out)"
+                os.killpg(proc.pid, signal.SIGKILL)  # pytest and the processes its tests started
+                proc.wait()
             line = source.splitlines()[node.lineno - 1].strip()
-            print(f"[{n}/{len(chosen)}] line {node.lineno}: {what}: {'caught' if caught else 'SURVIVED'}  | {line[:90]}",
-                  flush=True)
+            print(f"[{n}/{len(chosen)}] line {node.lineno}: {what}: {'caught' + how if caught else 'SURVIVED'}  | "
+                  f"{line[:90]}", flush=True)
             if not caught:
                 survived.append((node.lineno, what, line))
         with open(target, "w") as f:

@@ -284,3 +284,20 @@ def test_a_training_step_reads_the_device_once(tiny, monkeypatch):
     stats = trainer.train_one_epoch(0)
     monkeypatch.undo()
     assert stats["steps"] == 4 and reads == ["tolist"] * 4
+
+
+def test_a_process_that_exits_with_a_loader_left_open_does_not_wait_on_its_workers():
+    """The workers ignore SIGTERM, which multiprocessing's exit handler sends them before it waits for
+    them: without our handler (SIGKILL first) an error that leaves a loader open hung the exit."""
+    script = (
+        "import torch\n"
+        "from utils.features import image_loader, decoded\n"
+        "from utils.distributed import DistContext\n"
+        "class DS(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 100\n"
+        "    def __getitem__(self, i): return torch.zeros(4)\n"
+        "it = decoded(image_loader(DS(), DistContext(0, 1, 0, torch.device('cpu')), 4, 2))\n"
+        "next(it)\n"
+        "raise SystemExit(3)  # an error, with the loader's iterator still referenced\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-1000:]

@@ -7,10 +7,12 @@ on, and a stored file whose key differs is never used. Along with each vector go
 digest of the decoded image (``image_keys``): the image's identity, from which its test-time
 noise is seeded.
 """
+import atexit
 import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -142,9 +144,23 @@ def precision_tag(mode: str, extractor: MultiLayerFeatures, device: torch.device
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """In a decoding worker: SIGTERM and SIGUSR1 are for the main process. A scheduler signals the
     whole process group; a worker ended by it would end the run with "DataLoader worker killed by
-    signal" before the main process can save. Workers leave when the main process closes the loader."""
+    signal" before the main process can save. Workers leave when the main process closes the loader,
+    or are killed when it exits (``_kill_workers_at_exit``)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit, end the decoding workers still alive (a loader left open by an error) with SIGKILL:
+    multiprocessing's own exit handler ends them with SIGTERM, which they ignore, and would then
+    wait for them forever. Registered after multiprocessing's, so it runs first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers are daemonic; other children are left to multiprocessing
+            child.kill()
+            child.join(timeout=5)
+
+
+_exit_handler = []
 
 
 SHM = "/dev/shm"
@@ -183,7 +199,10 @@ def decoded(loader: DataLoader):
         batches = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    yield from batches
+    try:
+        yield from batches
+    finally:
+        del batches  # an error, here or in the caller's loop, closes the workers now (not when collected)
 
 
 def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, image_size: int = 0,
@@ -192,6 +211,9 @@ def image_loader(dataset, ctx: DistContext, batch_size: int, num_workers: int, i
     ``image_size`` px for, and each worker deaf to the stop signals (``ignore_stop_signals``)."""
     if num_workers and image_size:
         num_workers = shm_workers(num_workers, batch_size * image_size * image_size * 3)
+    if num_workers and not _exit_handler:
+        atexit.register(_kill_workers_at_exit)
+        _exit_handler.append(True)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=ctx.cuda,
                       persistent_workers=False, worker_init_fn=ignore_stop_signals if num_workers else None,
                       **kwargs)

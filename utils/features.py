@@ -154,10 +154,12 @@ def _kill_workers_at_exit() -> None:
     """At exit, end the decoding workers still alive (a loader left open by an error) with SIGKILL:
     multiprocessing's own exit handler ends them with SIGTERM, which they ignore, and would then
     wait for them forever. Registered after multiprocessing's, so it runs first."""
-    for child in multiprocessing.active_children():
-        if child.daemon:  # DataLoader workers are daemonic; other children are left to multiprocessing
-            child.kill()
-            child.join(timeout=5)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would raise at the first death
+    workers = [c for c in multiprocessing.active_children() if c.daemon]  # DataLoader's; others left as they are
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=5)
 
 
 _exit_handler = []

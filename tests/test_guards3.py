@@ -4,6 +4,7 @@ by a brute force."""
 import csv
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -356,3 +357,12 @@ def test_tf32_is_turned_off_with_the_switches_of_older_pytorch_too(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
     exact_fp32_on_cuda()
     assert cudnn.allow_tf32 is False and matmul.allow_tf32 is False
+
+
+def test_lr_refuses_two_checkpoints_of_the_same_epoch(trained, tmp_path):
+    """A copy of a checkpoint is another file of the same epoch: LR would compare a model with itself."""
+    copy = tmp_path / "copy-of-first.pth"
+    shutil.copy(trained.ckpt / "checkpoint-0.pth", copy)
+    proc = run_inprocess("test_LR.py", "--pretrained_ldm_ckpt_first", str(copy), "--pretrained_ldm_ckpt_end",
+                         str(trained.ckpt / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "lr"), check=False)
+    assert proc.returncode == 2 and "(epoch 0) is not earlier than the end checkpoint" in proc.stderr

@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.helpers import ROOT, Tiny, run_inprocess, run_script
+from tests.helpers import ROOT, Tiny, run_inprocess
 
 SIDE = 16  # every miniature image is 16 x 16 RGB, so that pytorch-ood's loaders can batch them
 PRESET = os.path.join(ROOT, "config", "openood_cifar10.yaml")
@@ -244,12 +244,3 @@ def test_pytorch_oods_openood_benchmark_gives_our_aurocs(oo, tmp_path, monkeypat
     for theirs, name in names.items():
         assert rows[theirs]["AUROC"] == pytest.approx(ours[name]["AUROC"], abs=0.0005), name
 
-
-def test_two_ranks_read_openood_lists_as_one_process(oo, tmp_path):
-    out = tmp_path / "two"
-    run_script("test_mse_mfsim.py", "--pretrained_ldm_ckpt", oo.ckpt_path, "--output_dir", str(out), "--no_plots",
-               "--cache_dir", str(tmp_path / "c"), torchrun=2)
-    a, b = (list(csv.reader(open(d / "openood.csv"))) for d in (oo.res, out))
-    assert [r[0] for r in a] == [r[0] for r in b]
-    for x, y in zip(a[1:], b[1:]):
-        assert np.allclose([float(v) for v in x[1:]], [float(v) for v in y[1:]], atol=0.05)

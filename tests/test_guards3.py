@@ -366,3 +366,14 @@ def test_lr_refuses_two_checkpoints_of_the_same_epoch(trained, tmp_path):
     proc = run_inprocess("test_LR.py", "--pretrained_ldm_ckpt_first", str(copy), "--pretrained_ldm_ckpt_end",
                          str(trained.ckpt / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "lr"), check=False)
     assert proc.returncode == 2 and "(epoch 0) is not earlier than the end checkpoint" in proc.stderr
+
+
+def test_the_loader_sizes_its_workers_by_the_bytes_of_one_decoded_batch(monkeypatch):
+    from utils import features
+    from utils.distributed import DistContext
+    asked = []
+    monkeypatch.setattr(features, "shm_workers", lambda n, batch_bytes: asked.append((n, batch_bytes)) or 1)
+    loader = features.image_loader(list(range(8)), DistContext(0, 1, 0, torch.device("cpu")), 16, 3, 224)
+    assert asked == [(3, 16 * 224 * 224 * 3)] and loader.num_workers == 1  # uint8 RGB: 3 bytes a pixel
+    features.image_loader(list(range(8)), DistContext(0, 1, 0, torch.device("cpu")), 16, 0, 224)
+    assert len(asked) == 1  # no workers, nothing to size

@@ -155,10 +155,3 @@ def test_scale_study_checks_its_settings_before_training(only, says, tmp_path):
     assert says in scale_study.check_setting(only)
     assert scale_study.check_setting("64:512x2:20") is None
 
-
-def test_two_ranks_agree_on_a_refusal(trained, tmp_path):
-    """Rank 0 checks the output; both ranks stop with exit 2, neither waits for the other."""
-    ck = str(trained.ckpt / "checkpoint-last.pth")
-    proc = run_script("predict.py", "--checkpoint", ck, "--images", ck, "--output", ck, torchrun=2, check=False,
-                      timeout=120)
-    assert proc.returncode != 0 and "is one of the inputs" in proc.stderr

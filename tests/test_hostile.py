@@ -1,6 +1,6 @@
 """A battery of hostile cases of our own (issue 29), on surfaces the issue's list does not name: others'
 files given as checkpoints, flags combined in unusual ways, the API fed odd objects, the bench
-scripts' arguments, two ranks that must agree on a refusal. Each ends in one clear line (exit 2) or
+scripts' arguments. Each ends in one clear line (exit 2) or
 a ValueError in the user's terms, never a traceback or a silent wrong answer."""
 import os
 import sys

@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--tests", nargs="+", default=["tests"], help="test files or folders (default: the whole suite)")
     p.add_argument("--limit", type=int, default=30, help="mutants to try, drawn at random (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=0, help="skip the first SKIP mutants drawn (to continue a run)")
     p.add_argument("--timeout", type=int, default=0,
                    help="seconds a mutant's run may take; past it the mutant counts as caught (a hang fails the "
                         "suite too: its multi-process tests time out), marked so (default: no limit)")
@@ -98,7 +99,7 @@ def main() -> None:
     skip = docstring_lines(tree)
     candidates = [i for i, (node, *_) in enumerate(sites(tree)) if getattr(node, "lineno", 0) not in skip]
     random.Random(args.seed).shuffle(candidates)
-    chosen = sorted(candidates[:args.limit])
+    chosen = sorted(candidates[:args.limit])[args.skip:]
     print(f"{args.module}: {len(candidates)} mutation sites, trying {len(chosen)} against {' '.join(args.tests)}")
     survived, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mutate-") as scratch:

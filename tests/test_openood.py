@@ -244,3 +244,27 @@ def test_pytorch_oods_openood_benchmark_gives_our_aurocs(oo, tmp_path, monkeypat
     for theirs, name in names.items():
         assert rows[theirs]["AUROC"] == pytest.approx(ours[name]["AUROC"], abs=0.0005), name
 
+
+
+def test_malformed_openood_specs_are_refused_naming_the_forms():
+    from datasets.openood import parse_spec
+    from errors import UserError
+    assert parse_spec("cifar10") == ("cifar10", None) and parse_spec("cifar10/tin") == ("cifar10", "tin")
+    assert parse_spec("cifar10/val") == ("cifar10", "val")
+    for bad in ("", "/tin", "cifar10/", "cifar10/a/b"):
+        with pytest.raises(UserError, match="expected openood:BENCH, openood:BENCH/SET or openood:BENCH/val"):
+            parse_spec(bad)
+
+
+def test_each_list_is_read_from_the_folder_openood_assigns(tmp_path):
+    from datasets.openood import image_folder
+    root = str(tmp_path)
+    assert image_folder(root, "cifar10", None, "cifar10/x.png") == os.path.join(root, "images_classic")
+    assert image_folder(root, "cifar100", "tin", "tin/x.png") == os.path.join(root, "images_classic")
+    assert image_folder(root, "imagenet200", None, "imagenet_1k/x.JPEG") == os.path.join(root, "images_largescale")
+    assert image_folder(root, "imagenet", "ninco", "ninco/x.jpg") == os.path.join(root, "images_largescale")
+    assert image_folder(root, "imagenet200", "textures", "texture/x.jpg") == os.path.join(root, "images_classic")
+    (tmp_path / "images_largescale" / "mine").mkdir(parents=True)
+    (tmp_path / "images_largescale" / "mine" / "a.png").write_bytes(b"")
+    assert image_folder(root, "mybench", "x", "mine/a.png") == os.path.join(root, "images_largescale")  # probed
+    assert image_folder(root, "mybench", "x", "mine/b.png") == os.path.join(root, "images_classic")

@@ -180,6 +180,7 @@ def _broken_root(oo, tmp_path, list_name, lines):
     ("FIRST 0\ncifar10/test/0/9999.png 0\n", "test_cifar10.txt, line 2: the image .*9999.png does not exist"),
     ("/etc/passwd 0\n", "line 1: '/etc/passwd' is an absolute path"),
     ("../../etc/passwd 0\n", "line 1: '../../etc/passwd' leaves the image folder"),
+    ("../outside.png 0\n", "line 1: '../outside.png' leaves the image folder"),
     ("\n\n", "test_cifar10.txt is empty"),
     ("FIRST zero\n", "line 1: expected 'relative/path label' with an integer label"),
 ])
@@ -268,3 +269,26 @@ def test_each_list_is_read_from_the_folder_openood_assigns(tmp_path):
     (tmp_path / "images_largescale" / "mine" / "a.png").write_bytes(b"")
     assert image_folder(root, "mybench", "x", "mine/a.png") == os.path.join(root, "images_largescale")  # probed
     assert image_folder(root, "mybench", "x", "mine/b.png") == os.path.join(root, "images_classic")
+
+
+def test_the_ood_validation_list_is_found_by_its_names_newest_first(tmp_path):
+    from datasets.openood import MissingData, ood_val_name
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    for name in ("val_cifar10.txt", "val_cinic10.txt", "val_cifar100.txt"):
+        (folder / name).write_text("")
+    assert ood_val_name(str(folder), "cifar10") == "val_cifar100.txt"  # a release before v1.5
+    (folder / "val_tin.txt").write_text("")
+    assert ood_val_name(str(folder), "cifar10") == "val_tin.txt"  # v1.5's, when both are there
+    mine = tmp_path / "mybench"
+    mine.mkdir()
+    (mine / "val_mybench.txt").write_text("")
+    with pytest.raises(MissingData, match="expected one val_SET.txt besides val_BENCH.txt"):
+        ood_val_name(str(mine), "mybench")
+    (mine / "val_noise.txt").write_text("")
+    assert ood_val_name(str(mine), "mybench") == "val_noise.txt"  # the one other list of a benchmark of one's own
+    (mine / "val_more.txt").write_text("")
+    with pytest.raises(MissingData, match="found val_more.txt, val_noise.txt"):
+        ood_val_name(str(mine), "mybench")
+    with pytest.raises(MissingData, match="no OOD validation list for imagenet200 .* expected val_openimage_o.txt"):
+        ood_val_name(str(tmp_path / "imagenet200"), "imagenet200")

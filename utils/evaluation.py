@@ -11,7 +11,6 @@ the batch size, the order or the number of processes (docs/METHOD.md §5).
 import copy
 import hashlib
 import logging
-import os
 import time
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Union
@@ -35,6 +34,7 @@ from utils.model_factory import build_diffusion, build_extractor
 from utils.progress import progress, setup_logging
 from utils.report import (ID_NAME, EvalResult, SetResult, check_output_dir, format_markdown, output_lock,
                           write_outputs)
+from utils.rundir import same_file
 from utils.scores import (SCORE_TYPES, layer_errors, layer_normalised_scores, layer_stats, likelihood_regret,
                           mfsim_score, mse_score)
 
@@ -323,7 +323,7 @@ def _training_set_words(train: dict) -> str:
 
 def check_lr_pair(first: LoadedCheckpoint, end: LoadedCheckpoint) -> None:
     """LR compares an early checkpoint of a run with a later one: two different files, first earlier."""
-    if os.path.realpath(first.path) == os.path.realpath(end.path):
+    if same_file(first.path, end.path):
         raise UserError(f"--pretrained_ldm_ckpt_first and --pretrained_ldm_ckpt_end are the same file ({end.path}); "
                         f"LR compares an early checkpoint of a run with a later one (e.g. checkpoint-0.pth and "
                         f"checkpoint-last.pth)")

@@ -47,7 +47,7 @@ demo: install fashion-mnist
 
 # The README's flag tables, rewritten from the scripts' parsers (a test checks they are current).
 flags: install
-	$(PY) -m utils.flag_docs
+	$(PY) -m tools.flag_docs
 
 benchmark: install fashion-mnist
 	$(PY) bench/benchmark.py
@@ -56,7 +56,7 @@ benchmark-oneclass: install fashion-mnist
 	$(PY) bench/oneclass.py --output_dir oneclass_output
 
 # Planted bugs in one module, one at a time, against some tests (not part of CI; see tests/mutate.py).
-MODULE ?= utils/prediction.py
+MODULE ?= engine/prediction.py
 TESTS  ?= tests
 LIMIT  ?= 30
 mutate: install

@@ -4,15 +4,14 @@
         --pretrained_ldm_ckpt_end ./checkpoint/checkpoint-last.pth \
         --pretrained_ldm_cfg config/Config.yaml --data_path ./data --evaluate --similarity_type MFsim
 
-Reports LR for both score types, and the first and end scores LR is made of. Higher = more OOD,
+Reports LR for every score type, and the first and end scores LR is made of. Higher = more OOD,
 as for every score here; an AUROC below 50 means the score points the other way on that set.
+Precision: as test_mse_mfsim.py (IEEE fp32 on CUDA for the whole run, AMP's fp16 aside).
 """
 import argparse
-import os
 
-from utils.cli import (EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, config_for_checkpoint, parse_with_config,
-                       resolve_config, run_entry, stored_or_named)
-from utils.evaluation import run_evaluation
+from cli import EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, parse_with_config, run_entry, scoring_run, stored_or_named
+from engine.evaluation import default_output_dir, run_evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parse_with_config(build_parser(), argv, stored_or_named("pretrained_ldm_cfg", "pretrained_ldm_ckpt_end", "./checkpoint/checkpoint-last.pth"))
-    config, config_source = config_for_checkpoint(args.pretrained_ldm_cfg, args.pretrained_ldm_ckpt_end)
-    cfg = resolve_config(config, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
     end = args.pretrained_ldm_ckpt_end
-    run_evaluation(cfg, {"first": args.pretrained_ldm_ckpt_first, "end": end},
-                   args.output_dir or os.path.join(os.path.dirname(end) or ".", "results-LR"),
-                   config_source=config_source, skip_missing=args.skip_missing,
+    run = scoring_run({"first": args.pretrained_ldm_ckpt_first, "end": end}, args.pretrained_ldm_cfg, vars(args),
+                      (*EVAL_FLAGS, *SCORE_FLAGS))
+    run_evaluation(run, args.output_dir or default_output_dir(end, "LR"), skip_missing=args.skip_missing,
                    save_features=args.save_features, plots=not args.no_plots)
 
 

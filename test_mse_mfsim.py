@@ -3,15 +3,15 @@
     python test_mse_mfsim.py --pretrained_ldm_ckpt ./checkpoint/checkpoint-last.pth \
         --pretrained_ldm_cfg config/Config.yaml --data_path ./data --evaluate --similarity_type MFsim
 
-Both scores are computed in one pass; --similarity_type picks the headline. Works with our
-checkpoints and with the authors' release files.
+Every score is computed in one pass; --similarity_type picks the headline. Works with our
+checkpoints and with the authors' release files. Precision: fp32 on CUDA is IEEE fp32 (TF32 off)
+for the whole run, AMP's fp16 aside (engine/evaluation.py holds utils.precision.exact_fp32).
 """
 import argparse
 import os
 
-from utils.cli import (EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, config_for_checkpoint, parse_with_config,
-                       resolve_config, run_entry, stored_or_named)
-from utils.evaluation import run_evaluation
+from cli import EVAL_FLAGS, SCORE_FLAGS, add_eval_flags, parse_with_config, run_entry, scoring_run, stored_or_named
+from engine.evaluation import default_output_dir, run_evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,12 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parse_with_config(build_parser(), argv, stored_or_named("pretrained_ldm_cfg", "pretrained_ldm_ckpt", "./checkpoint/checkpoint-last.pth"))
-    config, config_source = config_for_checkpoint(args.pretrained_ldm_cfg, args.pretrained_ldm_ckpt)
-    cfg = resolve_config(config, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
     ckpt = args.pretrained_ldm_ckpt
+    run = scoring_run({"end": ckpt}, args.pretrained_ldm_cfg, vars(args), (*EVAL_FLAGS, *SCORE_FLAGS))
     stem = os.path.splitext(os.path.basename(ckpt))[0]
-    run_evaluation(cfg, {"end": ckpt}, args.output_dir or os.path.join(os.path.dirname(ckpt) or ".", f"results-{stem}"),
-                   config_source=config_source, skip_missing=args.skip_missing,
+    run_evaluation(run, args.output_dir or default_output_dir(ckpt, stem), skip_missing=args.skip_missing,
                    save_features=args.save_features, plots=not args.no_plots)
 
 

@@ -15,11 +15,12 @@ from common import ROOT, backbone_weights, paired, record, timed
 
 from datasets.images import ArrayImages
 from models.features import MultiLayerFeatures, standardize
-from utils.config import load_config
+from experiment.config import load_config
 from utils.distributed import DistContext
-from utils.evaluation import Scorer
-from utils.features import compute_mode, decode_batch_size, extract_features, image_loader
-from utils.model_factory import build_diffusion, build_lfdn
+from engine.extraction import decode_batch_size, extract_features, loader_for, mode_of
+from engine.scorer import Scorer
+from utils.loader import decoded
+from engine.factory import build_diffusion, build_lfdn
 
 # config, image shape (CIFAR-10 / Fashion-MNIST), images per timed run, alternating pairs. On this
 # shared VM the backbone's own speed drifts by 10-25% over seconds: the demo (2 ms per image) is
@@ -55,7 +56,7 @@ def main():
                     extractor(x)
 
         def extract():
-            return extract_features(extractor, images, ctx, b, cfg.workers(ctx.cuda), compute_mode(cfg, ctx), "bench")
+            return extract_features(extractor, images, ctx, cfg, mode_of(cfg, ctx), "bench")
 
         scorer = Scorer(cfg, ctx, extractor, diffusion, {"end": model})
 
@@ -67,7 +68,7 @@ def main():
             reconstruct(extract())
 
         def decode_only():
-            for _ in image_loader(images, ctx, decode_batch_size(b), cfg.workers(ctx.cuda)):
+            for _ in decoded(loader_for(cfg, ctx, images, decode_batch_size(b))):
                 pass
 
         raw = extract()

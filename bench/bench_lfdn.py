@@ -12,7 +12,7 @@ from common import paired, record, timed
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
 from models.lfdn import LFDN
-from utils.config import Config
+from experiment.config import Config
 
 
 def main():

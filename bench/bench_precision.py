@@ -25,7 +25,7 @@ import torch
 from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, paired, record
 
 from models.features import MultiLayerFeatures, standardize
-from utils.features import EMULATED_BF16_ENV, native_bf16
+from utils.precision import EMULATED_BF16_ENV, native_bf16
 
 DLSR_SCORES = ("MFsim", "MSE")
 ALLOWED_FALL = 0.1  # AUROC points

@@ -38,7 +38,7 @@ def peak_rss_mib() -> float:
 
 
 def child_baselines() -> dict:
-    from utils.baselines import Baselines
+    from scoring.baselines import Baselines
     g = torch.Generator().manual_seed(0)
     train, test = torch.randn(50_000, 720, generator=g), torch.randn(70_000, 720, generator=g)
     before = peak_rss_mib()
@@ -52,10 +52,10 @@ def child_baselines() -> dict:
 
 
 def child_training(n: int) -> dict:
-    from utils.config import load_config
+    from experiment.config import load_config
     from utils.distributed import DistContext
-    from utils.model_factory import build_extractor
-    from utils.training import train
+    from engine.factory import build_extractor
+    from engine.training import train
     cfg = load_config(os.path.join(ROOT, "config", "demo.yaml"))
     cfg.device, cfg.train.epochs, cfg.train.save_every = "cpu", 2, 100
     cfg.output_dir = tempfile.mkdtemp(prefix="bench-scale-train-")
@@ -71,10 +71,10 @@ def child_checkpoint() -> dict:
     """Seconds to write the release config's checkpoint, and seconds per training step of batch 256."""
     from models.diffusion import GaussianDiffusion
     from models.features import BackboneId
-    from utils.checkpoint import make_payload, save_checkpoint
-    from utils.config import load_config
+    from store.checkpoint import make_payload, save_checkpoint
+    from experiment.config import load_config
     from utils.distributed import DistContext
-    from utils.training import training_model
+    from engine.training import training_model
     cfg = load_config(os.path.join(ROOT, "config", "Config.yaml"))
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     model, ema, optimizer, scaler = training_model(cfg, ctx, 720, None)

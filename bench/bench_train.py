@@ -13,9 +13,9 @@ import time
 import torch
 from common import ROOT, backbone_weights, paired, record
 
-from utils.config import load_config, override
+from experiment.config import load_config, override
 from utils.distributed import DistContext
-from utils.training import build_trainer
+from engine.training import build_trainer
 
 CONFIGS = {"release": ("config/Config.yaml", 256), "demo": ("config/demo.yaml", 2048)}
 

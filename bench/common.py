@@ -38,6 +38,8 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (this VM is noisy)."""
     for _ in range(warmup):
         fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the warm-up's kernels finish before the clock starts
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -91,11 +93,11 @@ def run(script: str, *args: str) -> None:
 
 def backbone_weights(name: str) -> str:
     """Real weights where present; otherwise random ones (speed does not depend on the values)."""
-    from models.features import BACKBONES, WEIGHT_SEARCH_DIRS
+    from models.backbones import WEIGHT_SEARCH_DIRS, backbone
     if name == "efficientnet-lite0":
         return None
     for d in WEIGHT_SEARCH_DIRS:
-        for f in BACKBONES[name].weight_files:
+        for f in backbone(name).weight_files:
             if os.path.isfile(os.path.join(ROOT, d, f)):
                 return os.path.join(ROOT, d, f)
     return "random"

@@ -193,7 +193,7 @@ def main():
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         sys.path.insert(0, ROOT)
-        from utils.checkpoint import load_checkpoint
+        from store.checkpoint import load_checkpoint
         ck = load_checkpoint(os.path.join(out_dir, "checkpoint-last.pth"))
         ok = proc.returncode == 143 and "killed by signal" not in err
         if not ok:

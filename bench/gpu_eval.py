@@ -18,11 +18,13 @@ from common import backbone_weights, record, timed
 
 from datasets.images import ArrayImages
 from models.features import MultiLayerFeatures, standardize
-from utils.config import Config
+from experiment.config import Config
 from utils.distributed import DistContext
-from utils.evaluation import Scorer
-from utils.features import compute_mode, extract_features, image_loader
-from utils.model_factory import build_diffusion, build_lfdn
+from engine.extraction import extract_features, loader_for, mode_of
+from engine.scorer import Scorer
+from utils.loader import decoded
+from utils.precision import exact_fp32
+from engine.factory import build_diffusion, build_lfdn
 
 
 def main():
@@ -32,9 +34,15 @@ def main():
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    ctx = DistContext(0, 1, 0, device)
+    # Precision first: the fp32 rows are IEEE fp32 (TF32 off), as every entry point runs them.
+    with exact_fp32(device):
+        measure(args, cuda, device, ctx)
+
+
+def measure(args, cuda, device, ctx) -> None:
     n = args.images or (8192 if cuda else 64)
     b = args.batch if cuda else 16
-    ctx = DistContext(0, 1, 0, device)
     cfg = Config()
     cfg.extract_batch_size, cfg.eval.batch_size = b, max(b, 256)
     workers = cfg.workers(cuda)
@@ -45,7 +53,7 @@ def main():
     rows = [("setup", f"{n} images 32x32 -> 224 px, batch {b}, {workers} decode workers, device {device}")]
 
     def decode_only():
-        for _ in image_loader(images, ctx, b, workers):
+        for _ in decoded(loader_for(cfg, ctx, images, b)):
             pass
     t = timed(decode_only, 1)
     rows.append(("CPU decode + resize (DataLoader), images/s", f"{n / t:.0f}"))
@@ -81,16 +89,16 @@ def main():
     keys = torch.arange(n)
     for amp in (False, True):
         cfg.amp = amp
-        scorer.mode = compute_mode(cfg, ctx)
+        scorer.mode = mode_of(cfg, ctx)
         t = timed(lambda: scorer.scores(z, keys), 3)
         rows.append((f"LFDN reconstruction + scores ({'fp16 autocast' if amp and cuda else 'fp32'}), images/s",
                      f"{n / t:.0f}"))
     for amp in (True, False):
         cfg.amp = amp
-        scorer.mode = compute_mode(cfg, ctx)
+        scorer.mode = mode_of(cfg, ctx)
 
         def pipeline():
-            raw, image_keys = extract_features(f, images, ctx, b, workers, scorer.mode, "pipeline")
+            raw, image_keys = extract_features(f, images, ctx, cfg, scorer.mode, "pipeline")
             scorer.scores(standardize(raw, f.indices), image_keys)
         t = timed(pipeline, 2)
         label = "fp16 autocast (default on CUDA)" if amp and cuda else "fp32"

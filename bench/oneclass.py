@@ -27,16 +27,16 @@ import torch
 from common import ROOT, SPLIT_CONFIG, record
 
 from datasets import build_dataset  # noqa: E402
-from utils.baselines import Baselines  # noqa: E402
+from scoring.baselines import Baselines  # noqa: E402
 from errors import UserError  # noqa: E402
-from utils.cli import run_entry  # noqa: E402
-from utils.config import config_to_dict, load_config  # noqa: E402
+from cli import run_entry  # noqa: E402
+from experiment.config import config_to_dict, load_config  # noqa: E402
 from utils.distributed import DistContext  # noqa: E402
-from utils.evaluation import Scorer  # noqa: E402
-from utils.features import features_for  # noqa: E402
-from utils.metrics import ood_metrics  # noqa: E402
-from utils.model_factory import build_extractor  # noqa: E402
-from utils.training import train  # noqa: E402
+from engine.scorer import Scorer  # noqa: E402
+from engine.extraction import features_for  # noqa: E402
+from scoring.metrics import ood_metrics  # noqa: E402
+from engine.factory import build_extractor  # noqa: E402
+from engine.training import train  # noqa: E402
 
 DATASET = "fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

@@ -20,12 +20,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from datasets import build_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
-from utils.atomic import atomic_write_text  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.cli import config_for_checkpoint, resolve_config, run_entry  # noqa: E402
+from store.atomic import atomic_write_text  # noqa: E402
+from store.checkpoint import load_checkpoint  # noqa: E402
+from cli import resolve_config, run_entry  # noqa: E402
 from utils.distributed import distributed_context  # noqa: E402
-from utils.evaluation import Scorer, run_evaluation  # noqa: E402
-from utils.metrics import ood_metrics  # noqa: E402
+from engine.evaluation import run_evaluation  # noqa: E402
+from engine.scorer import Scorer  # noqa: E402
+from experiment.run import run_config  # noqa: E402
+from scoring.metrics import ood_metrics  # noqa: E402
+from utils.precision import exact_fp32  # noqa: E402
 from utils.progress import setup_logging  # noqa: E402
 
 
@@ -50,12 +53,12 @@ def validation_sets(cfg):
             build_dataset(f"{base}/val", "test", cfg.data_path, cfg.backbone.input_size, cfg.download))
 
 
-def validation_aurocs(cfg, ckpt, ks, config_source: str) -> dict:
+def validation_aurocs(run, ks) -> dict:
     """{k: the headline score's validation AUROC (a fraction)}; every rank gets it."""
     aurocs = {}
-    with distributed_context(cfg.device) as ctx:
+    with distributed_context(run.cfg.device) as ctx, exact_fp32(ctx.device):
         setup_logging(ctx.is_main)
-        scorer = Scorer.from_checkpoints(cfg, ctx, {"end": ckpt}, config_source)
+        scorer = Scorer.from_checkpoints(run, ctx)
         id_val, ood_val = validation_sets(scorer.cfg)
         fi = scorer.set_features(id_val, split="val", desc="ID validation: features")
         fo = scorer.set_features(ood_val, desc="OOD validation: features")
@@ -82,16 +85,16 @@ def main(argv=None) -> None:
     p.add_argument("--output_dir", default="results-openood-k", metavar="PATH")
     args = p.parse_args(argv)
     ks = parse_ks(args.ks)
-    config, source = config_for_checkpoint(args.config, args.checkpoint)
-    cfg = resolve_config(config, {"data_path": args.data_path, "cache_dir": args.cache_dir, "device": args.device}, ())
+    flags = {"data_path": args.data_path, "cache_dir": args.cache_dir, "device": args.device}
+    run = run_config({"end": load_checkpoint(args.checkpoint)}, args.config, lambda c: resolve_config(c, flags, ()))
+    cfg = run.cfg
     top = cfg.diffusion.timesteps - 1 if cfg.diffusion.indexing == "release" else cfg.diffusion.timesteps
     if max(ks) > top:
         raise UserError(f"--ks: k must be in 1..{top} with {cfg.diffusion.indexing} indexing, got {max(ks)}")
-    ckpt = load_checkpoint(args.checkpoint)
-    aurocs = validation_aurocs(cfg, ckpt, ks, source)
+    aurocs = validation_aurocs(run, ks)
     best = max(ks, key=lambda k: (aurocs[k], -k))
     cfg.diffusion.subset_timesteps_num = best
-    result = run_evaluation(cfg, {"end": ckpt}, args.output_dir, config_source=source)
+    result = run_evaluation(run, args.output_dir)
     if result is not None:
         chosen = {"chosen_k": best, "validation_auroc": {str(k): v for k, v in aurocs.items()},
                   "id_validation": f"{cfg.eval.dataset} (val)", "ood_validation": f"{cfg.eval.dataset.split('@')[0]}/val",

@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from common import BENCHMARK_OUT, ROOT, SPLIT_CONFIG, record
 
 from datasets import build_dataset  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from experiment.config import load_config  # noqa: E402
 from utils.distributed import DistContext  # noqa: E402
-from utils.evaluation import Scorer, image_noise  # noqa: E402
-from utils.features import features_for  # noqa: E402
-from utils.metrics import ood_metrics  # noqa: E402
-from utils.model_factory import build_extractor  # noqa: E402
-from utils.training import train  # noqa: E402
+from engine.scorer import Scorer, image_noise  # noqa: E402
+from experiment.run import run_config  # noqa: E402
+from store.checkpoint import load_checkpoint  # noqa: E402
+from engine.extraction import features_for  # noqa: E402
+from scoring.metrics import ood_metrics  # noqa: E402
+from engine.factory import build_extractor  # noqa: E402
+from engine.training import train  # noqa: E402
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 VAL_ID, VAL_OOD = (0, 1, 3, 4), 2
@@ -148,7 +150,7 @@ def main() -> None:
     # ---- the chosen variant, once, on the near split and the one-class benchmark
     report = {"validation": validation, "chosen": chosen}
     near_ckpt = os.path.join(BENCHMARK_OUT, "seed-0", "checkpoint", "checkpoint-last.pth")
-    near_rec = Reconstructor(Scorer.from_checkpoints(cfg, CPU, {"end": near_ckpt}))
+    near_rec = Reconstructor(Scorer.from_checkpoints(run_config({"end": load_checkpoint(near_ckpt)}, cfg), CPU))
     near_id_train = np.flatnonzero(labels["train"] < 5)
     trained_on = np.sort(np.random.default_rng(0).permutation(len(near_id_train))[:6000])  # random_subset's
     near_held = seeded(np.setdiff1d(near_id_train, near_id_train[trained_on]), 3)[:2000]
@@ -162,7 +164,7 @@ def main() -> None:
         ckpt = os.path.join(ROOT, args.oneclass_dir, f"class-{c}", "checkpoint", "checkpoint-last.pth")
         if not os.path.isfile(ckpt):
             continue
-        crec = Reconstructor(Scorer.from_checkpoints(cfg, CPU, {"end": ckpt}))
+        crec = Reconstructor(Scorer.from_checkpoints(run_config({"end": load_checkpoint(ckpt)}, cfg), CPU))
         own = seeded(np.flatnonzero(labels["train"] == c), 4)[:2000]
         sc = variant_scores(crec, zt, kt, z[own], keys[own])
         oneclass[c] = {v: {t: auroc(sc[v][t], labels["test"] == c) for t in ("MFsim", "MSE")}

@@ -1,5 +1,7 @@
-"""Image datasets by spec string (``cifar10``, ``folder:LSUN``, ``noise:gaussian`` ...), shared by training and evaluation."""
+"""Image datasets by spec string (``cifar10``, ``folder:LSUN``, ``noise:gaussian`` ...), shared by training and
+evaluation: datasets/registry.py lists the kinds, one module builds each."""
 from datasets.images import ImageSet, random_subset
-from datasets.registry import KNOWN_SPECS, DatasetMissing, build_dataset, build_datasets
+from datasets.kind import DatasetMissing
+from datasets.registry import KINDS, build_dataset, build_datasets, known_specs
 
-__all__ = ["ImageSet", "random_subset", "KNOWN_SPECS", "DatasetMissing", "build_dataset", "build_datasets"]
+__all__ = ["ImageSet", "random_subset", "KINDS", "known_specs", "DatasetMissing", "build_dataset", "build_datasets"]

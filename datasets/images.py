@@ -84,6 +84,14 @@ def to_rgb_resized(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def read_text_lines(path: str) -> list:
+    """The lines of a text file list, as text editors read it: UTF-8, a byte-order mark at the start
+    dropped, bytes that are not UTF-8 kept as the OS's file-name bytes (surrogateescape); line ends
+    "\n" or "\r\n" (the "\r" is removed). Raises OSError."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        return [line.removesuffix("\r") for line in f.read().split("\n")]
+
+
 class ImageSet(torch.utils.data.Dataset):
     """Base: ``load(i)`` gives a PIL image; ``fingerprint()`` identifies the content for caches.
 
@@ -94,6 +102,7 @@ class ImageSet(torch.utils.data.Dataset):
     name: str = ""
     labels: Optional[np.ndarray] = None
     classes: Optional[list] = None
+    no_classes_reason: str = "it has no classes"  # said when a class filter finds none
 
     def __init__(self, image_size: int):
         self.image_size = image_size
@@ -207,6 +216,8 @@ class FolderImages(ListedImages):
         classes = sorted({t[0] for t in tops if len(t) > 1})
         index = {c: i for i, c in enumerate(classes)}
         super().__init__(name, root, files, image_size, [index[t[0]] if len(t) > 1 else -1 for t in tops], classes)
+        self.no_classes_reason = ("the folder has no class subfolders (its images lie directly in it; sort them "
+                                  "into one subfolder per class)")
 
 
 class PILImages(ImageSet):

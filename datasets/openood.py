@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from datasets.images import ListedImages
+from datasets.images import ListedImages, read_text_lines
+from datasets.kind import DatasetMissing, Kind
 from errors import UserError
 
 CLASSIC, LARGE = "images_classic", "images_largescale"
@@ -32,19 +33,17 @@ DOWNLOAD = "OpenOOD's download script (scripts/download/download.py in its repos
 @dataclass(frozen=True)
 class Benchmark:
     folder: str                      # the image folder of its lists
-    near: Tuple[str, ...]            # OOD sets in OpenOOD v1.5's order
-    far: Tuple[str, ...]
     ood_val: Tuple[str, ...]         # the OOD validation list's names, newest release first
     classic: Tuple[str, ...] = ()    # sets whose images lie in images_classic/ all the same
 
 
-CIFAR_FAR = ("mnist", "svhn", "texture", "places365")
-IMAGENET_FAR = ("inaturalist", "textures", "openimage_o")
+# How to read each benchmark's lists. Its near and far OOD sets are named once, in its preset
+# (config/openood_BENCH.yaml: eval.ood and eval.groups).
 BENCHMARKS = {
-    "cifar10": Benchmark(CLASSIC, ("cifar100", "tin"), CIFAR_FAR, ("val_tin.txt", "val_cifar100.txt")),
-    "cifar100": Benchmark(CLASSIC, ("cifar10", "tin"), CIFAR_FAR, ("val_tin.txt", "val_cifar10.txt")),
-    "imagenet200": Benchmark(LARGE, ("ssb_hard", "ninco"), IMAGENET_FAR, ("val_openimage_o.txt",), ("textures",)),
-    "imagenet": Benchmark(LARGE, ("ssb_hard", "ninco"), IMAGENET_FAR, ("val_openimage_o.txt",), ("textures",)),
+    "cifar10": Benchmark(CLASSIC, ("val_tin.txt", "val_cifar100.txt")),
+    "cifar100": Benchmark(CLASSIC, ("val_tin.txt", "val_cifar10.txt")),
+    "imagenet200": Benchmark(LARGE, ("val_openimage_o.txt",), ("textures",)),
+    "imagenet": Benchmark(LARGE, ("val_openimage_o.txt",), ("textures",)),
 }
 NOT_OOD_VAL = ("val_cinic10.txt",)  # OpenOOD's covariate-shifted ID validation list, not an OOD one
 
@@ -108,15 +107,18 @@ def image_folder(root: str, bench: str, which: Optional[str], first: Optional[st
 
 
 def read_list(path: str) -> List[Tuple[int, str, str]]:
-    """[(line number, relative path, label text)] of an image list; blank lines skipped."""
+    """[(line number, relative path, label text)] of an image list, read as a text editor reads it
+    (a UTF-8 byte-order mark dropped); blank lines skipped. A line that starts with whitespace is
+    refused: OpenOOD splits a line at its first space, so its path would be empty."""
     entries = []
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        for number, line in enumerate(f.read().split("\n"), 1):
-            line = line.rstrip("\r")
-            if not line.strip():
-                continue
-            rel, _, label = line.partition(" ")
-            entries.append((number, rel, label.strip()))
+    for number, line in enumerate(read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        if line[0].isspace():
+            raise UserError(f"{path}, line {number}: the line starts with whitespace ({line[:40]!r}); OpenOOD's "
+                            f"lists hold 'relative/path label' with the path first")
+        rel, _, label = line.partition(" ")
+        entries.append((number, rel, label.strip()))
     return entries
 
 
@@ -136,6 +138,8 @@ def build(arg: str, split: str, root: str, size: int, download: bool) -> ListedI
         if os.path.normpath(rel).split(os.sep)[0] == "..":  # by its spelling: links inside are the user's layout
             raise UserError(f"{where}: {rel!r} leaves the image folder {folder}/")
         full = os.path.join(folder, rel)
+        if os.path.isdir(full):
+            raise UserError(f"{where}: {full} is a folder, not an image file; each line names one image")
         if not os.path.isfile(full):
             raise UserError(f"{where}: the image {full} does not exist (an incomplete download? {DOWNLOAD})")
         files.append(full)
@@ -147,11 +151,17 @@ def build(arg: str, split: str, root: str, size: int, download: bool) -> ListedI
                     from None
     name = f"openood:{arg}"
     if which is None:
-        return ListedImages(name, folder, files, size, labels, [str(i) for i in range(max(labels) + 1)])
+        images = ListedImages(name, folder, files, size, labels, [str(i) for i in range(max(labels) + 1)])
+        images.no_classes_reason = f"its list {path} labels every image -1 (no class)"
+        return images
     return ListedImages(name, folder, files, size)
 
 
-def near_far(bench: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-    """OpenOOD v1.5's near and far OOD sets of a known benchmark."""
-    spec = BENCHMARKS[bench]
-    return spec.near, spec.far
+def build_kind(arg: str, split: str, root: str, size: int, download: bool) -> ListedImages:
+    try:
+        return build(arg, split, root, size, download)
+    except MissingData as e:
+        raise DatasetMissing(str(e)) from None
+
+
+KIND = Kind("openood", build_kind, "openood:BENCH[/SET|/val]", splits=("train", "test", "val"))

@@ -28,3 +28,59 @@ def trained(tmp_path_factory):
     t.config = t.write()
     run_inprocess("main.py", "--config", t.config)
     return t
+
+
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+
+from dlsr.detector import DLSRDetector
+from tests.helpers import PRESET, ROOT, Tiny, make_openood_root, run_inprocess
+
+
+@pytest.fixture(scope="session")
+def detector(trained):
+    return DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_shared(tmp_path_factory):
+    """A tiny config whose feature cache is shared by the tests of this module."""
+    return Tiny(tmp_path_factory.mktemp("honoured"))
+
+
+@pytest.fixture(scope="session")
+def baseline(trained):
+    out = trained.tmp / "honoured-default"
+    if not out.exists():
+        run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                      "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots")
+    return out
+
+
+@pytest.fixture(scope="session")
+def oo(tmp_path_factory):
+    """A miniature root, and a tiny run trained on openood:cifar10 with the preset's OOD sets and groups."""
+    tmp = tmp_path_factory.mktemp("openood")
+    t = Tiny(tmp)
+    t.root = tmp / "OpenOOD"
+    t.lists = make_openood_root(str(t.root))
+    preset = yaml.safe_load(open(PRESET))
+    t.config = t.write(data_path=str(t.root), train={"dataset": preset["train"]["dataset"], "subset": None,
+                                                    "epochs": 2, "batch_size": 32},
+                       eval={"dataset": preset["eval"]["dataset"], "ood": preset["eval"]["ood"],
+                             "groups": preset["eval"]["groups"], "fpr95": "ood_positive"})
+    cfg = yaml.safe_load(open(t.config))
+    cfg["eval"]["ood"] = preset["eval"]["ood"]  # in the preset's order (Tiny.write sorts the keys)
+    with open(t.config, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    run_inprocess("main.py", "--config", t.config)
+    t.ckpt_path = str(t.ckpt / "checkpoint-last.pth")
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", t.ckpt_path, "--output_dir", str(tmp / "res"),
+                  "--no_plots", "--baselines", "knn", "--knn_k", "1")
+    t.res = tmp / "res"
+    return t
+

@@ -1,9 +1,20 @@
-"""Shared by the tests: a tiny config on disk and a runner for the real entry scripts."""
+"""Shared by the tests: a tiny config on disk, runners for the real entry scripts, and helpers
+several test files use."""
+import csv
 import os
+import socket
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
 import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from datasets.torchvision_sets import DEBIAN_FASHION_MNIST
+from utils.distributed import DistContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,11 +55,12 @@ class Tiny:
         return str(path)
 
 
-def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 300, threads: int = 0):
+def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 300, threads: int = 0,
+               env: dict = None):
     """Run an entry script of the repository as a user would, on the CPU (``threads``: default 1 per rank
-    under torchrun, else 2)."""
+    under torchrun, else 2; ``env``: variables added to the environment)."""
     one = torchrun or os.environ.get("PYTEST_XDIST_WORKER")  # one thread per process where processes share the cores
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads or (1 if one else 2))}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads or (1 if one else 2)), **(env or {})}
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                script, *args]
@@ -62,7 +74,6 @@ def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, t
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -131,7 +142,7 @@ def run_inprocess(script: str, *args: str, check: bool = True) -> Result:
     import importlib.util
     import io
 
-    from utils.cli import run_entry
+    from cli import run_entry
 
     spec = importlib.util.spec_from_file_location(f"entry_{script[:-3]}", os.path.join(ROOT, script))
     module = importlib.util.module_from_spec(spec)
@@ -146,3 +157,195 @@ def run_inprocess(script: str, *args: str, check: bool = True) -> Result:
     if check and code != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {code}\nstderr:\n{result.stderr[-5000:]}")
     return result
+
+
+# ---------------------------------------------------------------- shared by several test files
+
+
+def brute_knn(train, test, k):
+    tr = train / np.linalg.norm(train, axis=1, keepdims=True)
+    te = test / np.linalg.norm(test, axis=1, keepdims=True)
+    d = np.sqrt(((te[:, None, :] - tr[None, :, :]) ** 2).sum(-1))  # (M, N) Euclidean
+    return np.sort(d, axis=1)[:, k - 1]
+
+
+def save_images(folder, n, size=(20, 30), start=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{start + i:03d}.png"))
+
+
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
+                                  reason="Debian's dataset-fashion-mnist is not installed")
+
+
+def digits_uint8():
+    return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+
+
+def evaluate(t, out, *extra, script="test_mse_mfsim.py", check=True, torchrun=0, subprocess=False, threads=0):
+    """Run an evaluation script; in this process unless ``subprocess`` or ``torchrun`` (then as a user would)."""
+    if script == "test_mse_mfsim.py":
+        ckpt = ["--pretrained_ldm_ckpt", str(t.ckpt / "checkpoint-last.pth")]
+    else:
+        ckpt = ["--pretrained_ldm_ckpt_first", str(t.ckpt / "checkpoint-0.pth"),
+                "--pretrained_ldm_ckpt_end", str(t.ckpt / "checkpoint-last.pth")]
+    args = [*ckpt, "--pretrained_ldm_cfg", t.config, "--evaluate", "--output_dir", str(out), *extra]
+    if subprocess or torchrun:
+        return run_script(script, *args, check=check, torchrun=torchrun, threads=threads)
+    return run_inprocess(script, *args, "--no_plots", check=check)
+
+
+def error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def try_evaluate(t, out, *extra, check=False, script="test_mse_mfsim.py"):
+    ckpt = (["--pretrained_ldm_ckpt", str(t.ckpt / "checkpoint-last.pth")] if script == "test_mse_mfsim.py" else [])
+    return run_inprocess(script, *ckpt, "--pretrained_ldm_cfg", t.config, "--output_dir", str(out), "--no_plots",
+                         *extra, check=check)
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+FAKE_GPU = torch.device("meta")
+
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"))
+
+
+def last(proc):
+    return proc.stderr.strip().splitlines()[-1]
+
+
+SIDE = 16  # every miniature image is 16 x 16 RGB, so that pytorch-ood's loaders can batch them
+
+
+PRESET = os.path.join(ROOT, "config", "openood_cifar10.yaml")
+
+
+def _save(img: np.ndarray, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(img).resize((SIDE, SIDE), Image.BILINEAR).save(path)
+
+
+def make_openood_root(root) -> dict:
+    """A miniature OpenOOD root: benchmark_imglist/cifar10/*.txt and images_classic/...; returns
+    {list name: [relative paths]}."""
+    from sklearn.datasets import load_digits, load_sample_images
+    digits = load_digits()
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    rgb = lambda a: np.repeat(a[..., None], 3, -1)  # noqa: E731
+    rng = np.random.default_rng(0)
+    photos = load_sample_images().images
+    lists = {}
+
+    def add(list_name, rel_dir, images, labels):
+        rels = []
+        for i, (img, label) in enumerate(zip(images, labels)):
+            rel = f"{rel_dir}/{label if label >= 0 else 'x'}/{i:04d}.png"
+            _save(img, os.path.join(root, "images_classic", rel))
+            rels.append((rel, label))
+        lists[list_name] = rels
+
+    low = np.flatnonzero(digits.target < 5)
+    high = np.flatnonzero(digits.target >= 5)
+    add("train_cifar10", "cifar10/train", [rgb(gray[i]) for i in low[:200]], digits.target[low[:200]])
+    add("val_cifar10", "cifar10/val", [rgb(gray[i]) for i in low[200:240]], digits.target[low[200:240]])
+    add("test_cifar10", "cifar10/test", [rgb(gray[i]) for i in low[240:340]], digits.target[low[240:340]])
+    add("test_cifar100", "cifar100/test", [rgb(gray[i]) for i in high[:60]], [-1] * 60)
+    add("test_tin", "tin/test", list(rng.integers(0, 256, (40, SIDE, SIDE, 3), dtype=np.uint8)), [-1] * 40)
+    add("val_tin", "tin/val", list(rng.integers(0, 256, (30, SIDE, SIDE, 3), dtype=np.uint8)), [-1] * 30)
+    add("test_mnist", "mnist/test", [rgb(255 - gray[i]) for i in high[60:100]], [-1] * 40)
+    add("test_svhn", "svhn/test", [np.clip(rng.normal(128, 60, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+                                   for _ in range(30)], [-1] * 30)
+    crops = [photos[k][y:y + 64, x:x + 64] for k in (0, 1) for y in range(0, 256, 64) for x in range(0, 256, 64)]
+    add("test_texture", "texture/test", crops[:16], [-1] * 16)
+    add("test_places365", "places365/test", crops[16:], [-1] * 16)
+    folder = os.path.join(root, "benchmark_imglist", "cifar10")
+    os.makedirs(folder, exist_ok=True)
+    for name, rels in lists.items():
+        with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+            f.writelines(f"{rel} {label}\n" for rel, label in rels)
+    return lists
+
+
+def save_digits(folder, indices):
+    os.makedirs(folder, exist_ok=True)
+    images = load_digits().images
+    for i in indices:
+        Image.fromarray(np.round(images[i] * (255.0 / 16.0)).astype(np.uint8)).save(os.path.join(folder, f"d{i:04d}.png"))
+
+
+def predict(t, output, *paths, extra=()):
+    proc = run_inprocess("predict.py", "--checkpoint", str(t.ckpt / "checkpoint-last.pth"), "--images", *map(str, paths),
+                         "--output", str(output), *extra)
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    return proc, rows
+
+
+def _digit_png(path, bits=8):
+    img = np.round(load_digits().images[5] * (255.0 / 16.0)).astype(np.uint8)
+    if bits == 16:
+        Image.fromarray(img.astype(np.uint16) * 256 + 100).save(path)  # high byte = the 8-bit image
+    else:
+        Image.fromarray(img).save(path)
+    return img
+
+
+
+RECORDER = os.path.join(ROOT, "tests", "record_collectives")  # sitecustomize.py: test instrumentation
+
+
+def recording_env(stem: str) -> dict:
+    """The variables under which every rank records its collectives to STEM.rank<r>."""
+    path = os.pathsep.join(p for p in (RECORDER, os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "RECORD_COLLECTIVES": stem}
+
+
+def collective_sequences(stem: str) -> list:
+    import glob
+    return [open(f).read().splitlines() for f in sorted(glob.glob(glob.escape(stem) + ".rank*"))]
+
+
+def run_recorded(tmp_path, name: str, script: str, *args: str, ranks: int = 2, check: bool = True):
+    """Run ``script`` on ``ranks`` ranks with every collective recorded; return the sequence the ranks
+    issued, after asserting that it is the same on every rank."""
+    stem = str(tmp_path / f"{name}.collectives")
+    proc = run_script(script, *args, torchrun=ranks, env=recording_env(stem), check=check)
+    seqs = collective_sequences(stem)
+    assert len(seqs) == ranks and seqs[0], f"no collectives recorded: {proc.stderr[-2000:]}"
+    assert all(s == seqs[0] for s in seqs), "the ranks issued different collectives"
+    return seqs[0]
+
+
+LIBRARY_FOLDERS = ("cli.py", "errors.py", "main.py", "predict.py", "test_LR.py", "test_mse_mfsim.py",
+                   "submitit_train.py", "dlsr", "engine", "experiment", "models", "datasets", "scoring", "store",
+                   "utils", "tools")
+
+
+def library_files() -> list:
+    """Every Python file of the library (all but tests/ and bench/)."""
+    import glob
+    out = []
+    for entry in LIBRARY_FOLDERS:
+        path = os.path.join(ROOT, entry)
+        if entry.endswith(".py"):
+            out += [path] if os.path.isfile(path) else []
+        else:
+            out += sorted(glob.glob(os.path.join(path, "**", "*.py"), recursive=True))
+    return out
+
+
+def scorer_for(cfg, ctx, paths: dict):
+    """A Scorer of the checkpoints ``paths`` ({role: path}) under ``cfg``, as the scripts build one."""
+    from engine.scorer import Scorer
+    from experiment.run import run_config
+    from store.checkpoint import load_checkpoint
+    return Scorer.from_checkpoints(run_config({role: load_checkpoint(str(p)) for role, p in paths.items()}, cfg), ctx)

@@ -1,7 +1,7 @@
 """Planted bugs, one at a time: which of a module's small, plausible mistakes does the suite catch?
 
-    make mutate MODULE=utils/prediction.py [TESTS="tests/test_predict.py tests/test_guards.py"] [LIMIT=30]
-    python tests/mutate.py utils/prediction.py --tests tests/test_predict.py --limit 30 [--seed 0]
+    make mutate MODULE=engine/prediction.py [TESTS="tests/test_predict.py tests/test_guards.py"] [LIMIT=30]
+    python tests/mutate.py engine/prediction.py --tests tests/test_predict.py --limit 30 [--seed 0]
 
 Each mutant changes one spot of the module's syntax tree: a comparison flipped (< and <=, == and
 !=, in and not in), an arithmetic operator swapped (+ and -, * and /), ``and`` and ``or`` swapped,
@@ -85,7 +85,7 @@ def docstring_lines(tree: ast.AST) -> set:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Plant one bug at a time in MODULE and run TESTS against each.")
-    p.add_argument("module", help="e.g. utils/prediction.py")
+    p.add_argument("module", help="e.g. engine/prediction.py")
     p.add_argument("--tests", nargs="+", default=["tests"], help="test files or folders (default: the whole suite)")
     p.add_argument("--limit", type=int, default=30, help="mutants to try, drawn at random (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

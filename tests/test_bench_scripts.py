@@ -1,6 +1,7 @@
 """The bench scripts' own logic, where a wrong line would put a wrong number in a published table:
-the one-class split and its outputs (bench/oneclass.py), and the aggregation over seeds of the
-near/far benchmark (bench/benchmark.py)."""
+the one-class split and its outputs (bench/oneclass.py), the aggregation over seeds of the near/far
+benchmark (bench/benchmark.py), k chosen on OpenOOD's validation lists (bench/openood_k.py), and
+the scripts' argument checks."""
 import csv
 import json
 import os
@@ -8,11 +9,19 @@ import sys
 
 import numpy as np
 import pytest
-
-from errors import UserError
+import torch
 from sklearn.metrics import roc_auc_score
 
-from tests.helpers import ROOT
+from datasets import build_dataset
+from dlsr.detector import DLSRDetector
+from engine.extraction import features_for
+from engine.factory import build_extractor
+from errors import UserError
+from experiment.config import load_config
+from scoring.baselines import Baselines
+from scoring.metrics import ood_metrics
+from tests.helpers import ROOT, Tiny, run_inprocess, run_script
+from utils.distributed import DistContext
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import benchmark  # noqa: E402
@@ -69,3 +78,100 @@ def test_benchmark_aggregates_each_cell_over_seeds_per_metric():
     assert benchmark.cell(table["MFsim"]["shirt"]["AUROC"]) == "65.00 ± 5.00"  # population std over seeds
     md = benchmark.markdown(table, ["MFsim"], [], [0, 1])
     assert "| shirt | 65.00 ± 5.00 | 80.00 ± 10.00 |" in md and "| **mean** | 85.00 ± 5.00 | 40.00 ± 10.00 |" in md
+
+
+def test_benchmark_csv_gives_the_std_over_seeds_of_each_metric():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import benchmark
+    table = {"MFsim": {"shirt": {"AUROC": [60.0, 70.0, 80.0], "FPR95": [90.0, 50.0, 40.0]}}}
+    rows = benchmark.csv_rows(table, ["MFsim"])
+    assert rows[0] == ["score", "set", "AUROC_mean", "AUROC_std", "FPR95_mean", "FPR95_std"]
+    fpr_std = np.sqrt(((90 - 60) ** 2 + (50 - 60) ** 2 + (40 - 60) ** 2) / 3)  # by hand: mean 60
+    assert rows[1] == ["MFsim", "shirt", "70.0000", f"{np.sqrt(200 / 3):.4f}", "60.0000", f"{fpr_std:.4f}"]
+
+
+def test_oneclass_main_fits_the_baselines_on_the_id_class_training_features_only(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import oneclass
+    t = Tiny(tmp_path)
+    cfg = t.write(train={"epochs": 1, "subset": None, "batch_size": 32})
+    fitted = []
+
+    class Recording(Baselines):
+        def __init__(self, train, names, ks):
+            fitted.append(train.clone())
+            super().__init__(train, names, ks)
+    monkeypatch.setattr(oneclass, "Baselines", Recording)
+    monkeypatch.setattr(oneclass, "DATASET", "digits")  # small, labelled, shipped with scikit-learn
+    monkeypatch.setattr(oneclass, "record", lambda *a, **k: None)  # no row in bench/RESULTS.md
+    oneclass.main(["--classes", "3", "--config", cfg, "--output_dir", str(tmp_path / "out"), "--epochs", "1"])
+    from experiment.config import load_config
+    c = load_config(cfg)
+    ds = build_dataset("digits", "train", c.data_path, c.backbone.input_size)
+    z = features_for(c, DistContext(0, 1, 0, torch.device("cpu")), build_extractor(c), ds, "train").z
+    assert len(fitted) == 1 and torch.equal(fitted[0], z[torch.from_numpy(ds.labels == 3)])
+    result = json.loads((tmp_path / "out" / "oneclass.json").read_text())
+    assert set(result["classes"]["3"]) == set(oneclass.METHODS)
+
+
+def test_benchmark_refuses_a_seed_given_twice():
+    proc = run_script("bench/benchmark.py", "--seeds", "0", "0", check=False, timeout=120)
+    assert proc.returncode == 2 and "a seed given twice" in proc.stderr
+
+
+def test_benchmark_reads_the_baseline_names_of_its_own_first_seed():
+    """A run with --seeds 1 2 read seed-0's results, which may be another run's or missing."""
+    src = open(os.path.join(ROOT, "bench", "benchmark.py")).read()
+    assert 'f"seed-{args.seeds[0]}"' in src and '"seed-0"' not in src
+
+
+@pytest.mark.parametrize("only,says", [("abc", "expected SIZE:WIDTHxDEPTH:EPOCHS"),
+                                       ("64:9x9:3", "unknown network '9x9'"),
+                                       ("64:512x2:0", "expected SIZE:WIDTHxDEPTH:EPOCHS")])
+def test_scale_study_checks_its_settings_before_training(only, says, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import scale_study
+    assert says in scale_study.check_setting(only)
+    assert scale_study.check_setting("64:512x2:20") is None
+
+
+def test_choosing_k_on_the_validation_lists(oo, tmp_path):
+    out = tmp_path / "k"
+    run_inprocess("bench/openood_k.py", "--checkpoint", oo.ckpt_path, "--ks", "1,4", "--output_dir", str(out))
+    chosen = json.loads((out / "choose_k.json").read_text())
+    aurocs = {int(k): v for k, v in chosen["validation_auroc"].items()}
+    assert set(aurocs) == {1, 4} and chosen["chosen_k"] == max(aurocs, key=lambda k: (aurocs[k], -k))
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["subset_timesteps_num"] == chosen["chosen_k"] and (out / "openood.csv").is_file()
+    det = DLSRDetector.from_checkpoint(oo.ckpt_path, device="cpu")
+    det.cfg.diffusion.subset_timesteps_num = 4
+    from datasets import build_dataset
+    sets = [build_dataset(s, split, str(oo.root), 32) for s, split in (("openood:cifar10", "val"),
+                                                                        ("openood:cifar10/val", "test"))]
+    scores = [det.predict(torch.stack([ds[i] for i in range(len(ds))])) for ds in sets]
+    assert ood_metrics(scores[0].numpy(), scores[1].numpy())["AUROC"] == pytest.approx(aurocs[4], abs=1e-3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--classes", "a"], "--classes: give class indices in 0..9"),
+    (["--config", "missing.yaml"], "does not exist"),
+    (["--epochs", "0"], "must be a positive integer, got '0'"),
+    (["--epochs", "-3"], "must be a positive integer, got '-3'"),
+])
+def test_oneclass_refuses_bad_arguments_in_one_line(args, message):
+    proc = run_script("bench/oneclass.py", *args, check=False, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_oneclass_keeps_a_result_only_for_the_same_config_content(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import argparse
+
+    import oneclass
+    cfg = load_config(os.path.join(ROOT, "config", "fmnist_split.yaml"))
+    args = argparse.Namespace(config="config/fmnist_split.yaml", seed=0)
+    key = oneclass.result_key(args, cfg)
+    cfg.lfdn.model_channels += 1  # the file edited in place: same name, other content
+    assert oneclass.result_key(args, cfg) != key

@@ -1,26 +1,29 @@
-"""Checkpoints: the authors' release layout (built key by key from docs/METHOD.md §8) loads with its EMA
-and backbone weights; our format round-trips; other widths, schedules and backbones, malicious
-pickles, truncated or foreign files are refused; a failed save leaves the previous file whole."""
+"""store/checkpoint.py: our one-file format and the authors' release layout, and every way a file can be wrong."""
+import copy
 import os
 
 import pytest
 import torch
 
+from engine.factory import build_diffusion, build_extractor
+from errors import UserError
+from experiment.config import load_config
+from models.backbones import backbone
 from models.diffusion import GaussianDiffusion
-from models.features import BACKBONES, BackboneId, MultiLayerFeatures
+from models.features import BackboneId, MultiLayerFeatures
 from models.lfdn import LFDN
-from tests.helpers import write_release_checkpoint
-from utils.checkpoint import (
+from store.checkpoint import (
     check_against,
     load_checkpoint,
     make_payload,
     save_checkpoint,
+    weights_checksum,
 )
-from errors import UserError
+from tests.helpers import error_line, try_evaluate, write_release_checkpoint
 
 
 def lite0(input_size: int, digest: str) -> BackboneId:
-    spec = BACKBONES["efficientnet-lite0"]
+    spec = backbone("efficientnet-lite0")
     return BackboneId(name="efficientnet-lite0", weights=digest, input_size=input_size, feature_dim=512,
                       layers=tuple(range(5)), indices=tuple(spec.indices))
 
@@ -32,6 +35,14 @@ def small_lfdn(dim=512, seed=0):
     for p in m.parameters():  # non-zero everywhere, so raw and EMA weights are told apart
         torch.nn.init.normal_(p)
     return m
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_release_layout_loads_with_ema_weights_and_backbone(tmp_path):
@@ -96,14 +107,6 @@ def test_our_format_round_trip_and_backbone_mismatch(tmp_path):
         check_against(ck, backbone=lite0(112, "aaa"), diffusion=GaussianDiffusion(), config_source="cfg")
 
 
-class Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_pickle_that_runs_code_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -131,11 +134,32 @@ def test_truncated_missing_and_foreign_files(tmp_path):
         load_checkpoint(str(tmp_path / "text.pth"))
 
 
-def test_a_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path):
-    path = str(tmp_path / "c.pth")
-    save_checkpoint({"model": {"a": torch.ones(1)}}, path)
-    before = open(path, "rb").read()
-    with pytest.raises(Exception):
-        save_checkpoint({"model": {"a": lambda: 0}}, path)
-    assert open(path, "rb").read() == before
-    assert os.listdir(tmp_path) == ["c.pth"]
+def test_damaged_and_non_finite_checkpoints_are_refused_at_load(trained, tmp_path):
+    from tests.helpers import write_release_checkpoint
+    raw = torch.load(trained.ckpt / "checkpoint-last.pth", weights_only=True)
+    raw["ema"]["weights"]["out.2.weight"][0, 0] += 1e-3  # a flipped bit, as far as the checksum is concerned
+    torch.save(raw, tmp_path / "flipped.pth")
+    line = error_line(try_evaluate(trained, tmp_path / "o", "--pretrained_ldm_ckpt", str(tmp_path / "flipped.pth")))
+    assert "checksum" in line and "damaged" in line
+    raw["ema"]["weights"]["out.2.weight"][0, :3] = float("nan")
+    raw["checksum"] = weights_checksum(raw["model"], raw["ema"])
+    torch.save(raw, tmp_path / "nan.pth")
+    line = error_line(try_evaluate(trained, tmp_path / "o", "--pretrained_ldm_ckpt", str(tmp_path / "nan.pth")))
+    assert "3 non-finite" in line and "out.2.weight" in line
+    write_release_checkpoint(tmp_path / "release.pth", raw["model"], raw["ema"]["weights"], feature_dim=512)
+    with pytest.raises(UserError, match="non-finite"):
+        load_checkpoint(str(tmp_path / "release.pth"))
+
+
+def test_our_checkpoints_schedule_is_checked(trained):
+    cfg = load_config(trained.config)
+    ck = load_checkpoint(str(trained.ckpt / "checkpoint-last.pth"))
+    backbone = build_extractor(cfg).backbone_id(cfg.backbone.input_size)
+    check_against(ck, backbone=backbone, diffusion=build_diffusion(cfg), config_source="cfg")
+    for key, value in (("linear_end", 0.02), ("linear_start", 0.001), ("timesteps", 50)):
+        other = copy.deepcopy(cfg)
+        setattr(other.diffusion, key, value)
+        if key == "timesteps":
+            other.diffusion.subset_timesteps_num = 3
+        with pytest.raises(UserError, match=f"diffusion.{key}"):
+            check_against(ck, backbone=backbone, diffusion=build_diffusion(other), config_source="cfg")

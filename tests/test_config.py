@@ -1,13 +1,19 @@
-"""The typed config: shipped configs load, the release's and the paper's hyperparameters, unknown keys
-named, types and choices checked, overrides parsed, a saved config read back equal."""
+"""experiment/config.py: the typed YAML config (unknown keys, types, ranges, repeated keys, YAML
+quirks, overlays on a base file) and the shipped presets."""
 import os
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT
-from utils.config import Config, config_from_dict, config_to_dict, load_config, override
 from errors import UserError
+from experiment.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    override,
+)
+from tests.helpers import ROOT, error_line, last, run_inprocess, try_evaluate
 
 
 @pytest.mark.parametrize("name", ["Config", "Config_paper", "Config_resnet50", "demo"])
@@ -61,3 +67,126 @@ def test_overrides_parse_and_check():
 def test_round_trip():
     cfg = load_config(os.path.join(ROOT, "config", "Config.yaml"))
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--subset_timesteps_num", "100"], "subset_timesteps_num (k) must be in 1..99"),
+    (["--subset_timesteps_num", "1000"], "must be in 1..99"),
+    (["--eta", "-1"], "diffusion.eta must be in [0, 1]"),
+    (["--eta", "1.5"], "diffusion.eta must be in [0, 1]"),
+    (["--eta", "nan"], "diffusion.eta must be in [0, 1]"),
+    (["--opt", "lfdn.dropout=1.0"], "lfdn.dropout must be in [0, 1)"),
+    (["--opt", "backbone.input_size=16"], "backbone.input_size must be at least 32"),
+])
+def test_bad_score_settings_are_refused_before_any_work(trained, tmp_path, args, expected):
+    line = error_line(try_evaluate(trained, tmp_path / "o", "--cache_dir", str(tmp_path / "cache"), *args))
+    assert expected in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lr", "-1"], "train.lr must be in [0, inf)"),
+    (["--weight_decay", "-0.1"], "train.weight_decay must be in [0, inf)"),
+    (["--opt", "train.betas=[1.0,0.9]"], "train.betas must be two numbers in [0, 1)"),
+    (["--opt", "train.betas=[0.9,-0.1]"], "train.betas must be two numbers in [0, 1)"),
+    (["--opt", "train.ema_decay=1.5"], "train.ema_decay must be in [0, 1]"),
+])
+def test_bad_training_settings_are_refused_before_any_work(trained, tmp_path, args, expected):
+    cfg = trained.write("bad.yaml", output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "cache"))
+    assert expected in error_line(run_inprocess("main.py", "--config", cfg, *args, check=False))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_config_bounds_at_their_edges(tiny):
+    for sections, ok in (({"diffusion": {"subset_timesteps_num": 99}}, True),
+                         ({"diffusion": {"subset_timesteps_num": 100}}, False),
+                         ({"diffusion": {"subset_timesteps_num": 100, "indexing": "consistent"}}, True),
+                         ({"diffusion": {"subset_timesteps_num": 101, "indexing": "consistent"}}, False),
+                         ({"diffusion": {"linear_start": 0.01, "linear_end": 0.01}}, False),
+                         ({"eval": {"groups": {"nowhere": "near"}}}, False),
+                         ({"eval": {"groups": {"gauss": "near"}}}, True)):
+        if ok:
+            load_config(tiny.write(**sections))
+        else:
+            with pytest.raises(UserError):
+                load_config(tiny.write(**sections))
+
+
+def test_zero_noise_draws_are_refused_when_the_config_loads(tiny):
+    from errors import UserError
+    from experiment.config import load_config
+    with pytest.raises(UserError, match="eval.noise_draws must be positive, got 0"):
+        load_config(tiny.write(eval={"noise_draws": 0}))
+
+
+def test_a_value_in_a_message_is_kept_whole_up_to_the_limit_and_cut_after():
+    from experiment.config import one_line_value
+    exact = ["x" * 16] * 4  # its repr is 80 characters
+    assert len(repr(exact)) == 80 and one_line_value(exact) == repr(exact)
+    longer = ["x" * 17] * 4
+    assert one_line_value(longer) == repr(longer)[:76] + " ..." and len(one_line_value(longer)) == 80
+
+
+def test_backbone_layers_are_checked_against_the_backbones_taps(tiny):
+    from errors import UserError
+    from experiment.config import load_config
+    with pytest.raises(UserError, match="backbone.layers must list taps of efficientnet-lite0 among 0..4, got \\[5\\]"):
+        load_config(tiny.write(backbone={"name": "efficientnet-lite0", "input_size": 32, "layers": [5]}))
+    assert load_config(tiny.write(backbone={"name": "efficientnet-lite0", "input_size": 32,
+                                            "layers": [4]})).backbone.layers == [4]
+
+
+def test_presets_name_openoods_near_and_far_sets():
+    # OpenOOD v1.5's near and far sets, as its benchmark tables list them
+    expected = {"cifar10": (["cifar100", "tin"], ["mnist", "svhn", "texture", "places365"]),
+                "cifar100": (["cifar10", "tin"], ["mnist", "svhn", "texture", "places365"]),
+                "imagenet200": (["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"]),
+                "imagenet": (["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"])}
+    release = config_to_dict(load_config(os.path.join(ROOT, "config", "Config.yaml")))
+    for bench, (near, far) in expected.items():
+        cfg = config_to_dict(load_config(os.path.join(ROOT, "config", f"openood_{bench}.yaml")))
+        assert cfg["train"]["dataset"] == cfg["eval"]["dataset"] == f"openood:{bench}"
+        assert list(cfg["eval"]["ood"]) == near + far
+        assert all(cfg["eval"]["ood"][s] == f"openood:{bench}/{s}" for s in near + far)
+        assert cfg["eval"]["groups"] == {**{s: "near" for s in near}, **{s: "far" for s in far}}
+        for section in ("backbone", "lfdn", "diffusion"):
+            assert cfg[section] == release[section], (bench, section)  # the release's method settings
+        assert {k: v for k, v in cfg["train"].items() if k != "dataset"} == \
+            {k: v for k, v in release["train"].items() if k != "dataset"}
+
+
+def test_a_repeated_key_is_an_error_naming_the_key_and_both_lines(tiny, tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(open(tiny.write()).read() + "train:\n  epochs: 1\n")
+    proc = run_inprocess("main.py", "--config", str(path), check=False)
+    assert proc.returncode == 2
+    assert "the key 'train' appears twice in one mapping (lines" in last(proc)
+    lines = [i + 1 for i, x in enumerate(path.read_text().splitlines()) if x.startswith("train:")]
+    assert f"lines {lines[0]} and {lines[1]}" in last(proc)
+
+
+def test_an_empty_config_is_an_error(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    proc = run_inprocess("main.py", "--config", str(tmp_path / "empty.yaml"), check=False)
+    assert proc.returncode == 2 and "is empty" in last(proc)
+
+
+def test_an_alias_bomb_is_refused_in_one_short_line(tiny, tmp_path):
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i, name in enumerate("bcdefg"):
+        prev = "abcdefg"[i]
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    # The anchors inside the value itself: eval.ood is a list of ever larger lists (9 ** 7 leaves).
+    items = [x.split(": ", 1)[1] for x in levels]
+    text = "eval:\n  ood:\n" + "".join(f"    - {x}\n" for x in items)
+    (tmp_path / "bomb.yaml").write_text(text)
+    proc = run_inprocess("main.py", "--config", str(tmp_path / "bomb.yaml"), check=False)
+    assert proc.returncode == 2 and "eval.ood should be" in last(proc)
+    assert len(last(proc)) < 300 and "\n" not in last(proc)  # the value shown bounded, never expanded whole
+
+
+def test_a_repeated_k_is_refused_before_any_work(trained, tmp_path):
+    proc = run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                         "--output_dir", str(tmp_path / "r"), "--baselines", "knn", "--knn_k", "1,1", check=False)
+    assert proc.returncode == 2 and "eval.knn_k lists k = 1 more than once" in last(proc)
+    assert not (tmp_path / "r").exists()

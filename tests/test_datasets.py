@@ -1,25 +1,78 @@
-"""Datasets by spec: folders searched recursively in path order and identified by content, missing and
-empty sets, unreadable images named, the offline sets, IDX files, Debian's Fashion-MNIST, seeded
-subsets, and the batched resize equal to PIL image by image."""
+"""datasets/: sets by spec string (the registry of kinds, folders, the sets that ship with packages,
+class filters) and the image path (resize, 8/16/32-bit images, links)."""
+import csv
 import gzip
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from datasets import build_dataset, build_datasets, random_subset
 from datasets.images import ArrayImages, SubsetImages, resize_batch, resized
-from datasets.registry import DEBIAN_FASHION_MNIST, read_idx_images
+from datasets.torchvision_sets import DEBIAN_FASHION_MNIST, read_idx_images
 from errors import UserError, one_line
+from models.features import BackboneId
+from store.feature_cache import cache_key
+from tests.helpers import (
+    _digit_png,
+    error_line,
+    run_inprocess,
+    save_digits,
+    save_images,
+    try_evaluate,
+)
 
 
-def save_images(folder, n, size=(20, 30), start=0):
+def save_flat_images(folder, n):
     os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(start)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{start + i:03d}.png"))
+        Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(os.path.join(folder, f"{i}.png"))
+
+
+def test_class_filters_select_by_index_range_list_and_name(tmp_path):
+    target = load_digits().target
+    for spec, classes in (("digits@3", [3]), ("digits@0-4", [0, 1, 2, 3, 4]), ("digits@0,1,8", [0, 1, 8])):
+        ds = build_dataset(spec, "test", str(tmp_path), 16)
+        expected = np.flatnonzero(np.isin(target, classes))
+        assert len(ds) == len(expected) and sorted(set(ds.labels.tolist())) == classes
+        assert np.array_equal(ds[0].numpy(), build_dataset("digits", "test", str(tmp_path), 16)[int(expected[0])].numpy())
+        assert ds.name == spec
+    a, b = build_dataset("digits@3", "test", str(tmp_path), 16), build_dataset("digits@4", "test", str(tmp_path), 16)
+    assert a.identity() != b.identity()  # so their cached features can never be mixed up
+    for cls in ("cat", "dog"):
+        for i in range(2 if cls == "cat" else 3):
+            os.makedirs(tmp_path / "pets" / cls, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / "pets" / cls / f"{i}.png")
+    assert len(build_dataset("folder:pets@dog", "test", str(tmp_path), 16)) == 3
+    assert len(build_dataset("folder:pets@cat,dog", "test", str(tmp_path), 16)) == 5
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("digits@10", "unknown class '10'; the classes are 0=0, 1=1"),
+    ("digits@4-2", "unknown class '4-2'"),
+    ("folder:pets@bird", "unknown class 'bird'; the classes are 0=cat, 1=dog"),
+    ("photos@1", "photos has no classes"),
+])
+def test_a_bad_class_list_is_one_line_naming_the_valid_classes(tmp_path, spec, message):
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / "pets" / cls)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "pets" / cls / "0.png")
+    with pytest.raises(UserError) as e:
+        build_dataset(spec, "test", str(tmp_path), 16)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fashion_mnist_classes_when_the_data_is_there():
+    try:
+        shirt = build_dataset("fashion-mnist@6", "test", "./data", 16, download=False)
+    except UserError:
+        pytest.skip("Fashion-MNIST is not installed here")
+    assert len(shirt) == 1000 and shirt.classes[6] == "Shirt"
+    assert len(build_dataset("fashion-mnist@Shirt", "test", "./data", 16, download=False)) == 1000
 
 
 def test_folder_is_searched_recursively_in_path_order(tmp_path):
@@ -61,16 +114,6 @@ def test_unreadable_image_is_named(tmp_path):
     with pytest.raises(UserError) as e:
         ds[1]
     assert str(tmp_path / "bad" / "broken.jpg") in one_line(e.value)
-
-
-def test_one_line_of_an_error_re_raised_by_a_dataloader_worker(tmp_path):
-    save_images(tmp_path / "bad", 1)
-    (tmp_path / "bad" / "broken.jpg").write_bytes(b"not a jpeg")
-    ds = build_dataset("folder:bad", "test", str(tmp_path), 32)
-    with pytest.raises(UserError) as e:
-        list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
-    line = one_line(e.value)
-    assert line.startswith("cannot read image") and "broken.jpg" in line and "\n" not in line
 
 
 def test_offline_sets():
@@ -144,3 +187,72 @@ def test_loader_batches_equal_single_images():
     assert batch.shape == (5, 64, 64)
     assert torch.equal(batch, torch.stack([torch.from_numpy(resized(base.load(i), 64)) for i in (5, 1, 9, 3, 11)]))
     assert torch.equal(sub[2], base[9])
+
+
+def test_link_loops_are_walked_once(tmp_path):
+    save_flat_images(tmp_path / "img", 5)
+    os.symlink(".", tmp_path / "img" / "self")
+    assert len(build_dataset("folder:img", "test", str(tmp_path), 32)) == 5
+    (tmp_path / "img" / "loop").mkdir()
+    os.symlink("..", tmp_path / "img" / "loop" / "up")
+    os.symlink(".", tmp_path / "img" / "loop" / "self")
+    start = time.perf_counter()
+    assert len(build_dataset("folder:img/loop", "test", str(tmp_path), 32)) == 5  # up -> img: its 5 images, once
+    assert time.perf_counter() - start < 30
+
+
+def test_a_broken_link_is_one_line_naming_it(trained, tmp_path):
+    save_flat_images(tmp_path / "data" / "b", 2)
+    os.symlink("nowhere", tmp_path / "data" / "b" / "dead.jpg")
+    line = error_line(try_evaluate(trained, tmp_path / "out", "--data_path", str(tmp_path / "data"), "--dataset", "digits",
+                               "--ood", "b=folder:b"))
+    assert "dead.jpg" in line and "broken link" in line
+
+
+def test_32_bit_integer_images_are_refused_as_floating_point_ones_are(trained, tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 70000, np.int32), mode="I").save(folder / "int32.tif")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F").save(folder / "float.tif")
+    save_digits(folder, [1])
+    run_inprocess("predict.py", "--checkpoint", str(trained.ckpt / "checkpoint-last.pth"), "--images", str(folder),
+                  "--output", str(tmp_path / "p.csv"))
+    rows = {os.path.basename(r["path"]): r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    assert "32-bit integer pixels (PIL mode I)" in rows["int32.tif"]["error"] and rows["int32.tif"]["MSE"] == ""
+    assert "floating-point pixels (PIL mode F)" in rows["float.tif"]["error"]
+    assert rows["d0001.png"]["error"] == ""
+
+
+def test_a_folder_whose_images_changed_gets_a_new_cache_key(tmp_path):
+    from datasets import build_dataset
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(folder / f"{i}.ppm")  # fixed size: header + pixels
+    bid = BackboneId("efficientnet-lite0", "w", 32, 512, (0, 1, 2, 3, 4), (16, 40, 112, 432, 512))
+
+    def key():
+        return cache_key(bid, build_dataset(f"folder:{folder}", "test", str(tmp_path), 32), "test", "cpu-fp32", 8)
+    before = key()
+    size = os.path.getsize(folder / "1.ppm")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(folder / "1.ppm")
+    assert os.path.getsize(folder / "1.ppm") == size  # same names, count and sizes: only the content changed
+    st = os.stat(folder / "1.ppm")
+    os.utime(folder / "1.ppm", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert key() != before
+
+
+def test_a_class_filter_on_a_flat_folder_says_it_has_no_class_subfolders(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(UserError, match="has no class subfolders"):
+        build_dataset(f"folder:{tmp_path}@cat", "test", "", 16)
+
+
+def test_sixteen_bit_images_scale_and_32_bit_ones_are_refused(tmp_path):
+    from datasets.images import resized
+    img = _digit_png(tmp_path / "g16.png", bits=16)
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+        assert np.array_equal(resized(im, 8), img)
+    with pytest.raises(UserError, match="no defined 8-bit scale"):
+        resized(Image.fromarray(np.zeros((8, 8), np.float32)), 8)

@@ -1,8 +1,8 @@
-"""The detectors in the field's own tooling: the input forms torchvision gives (ToTensor floats,
-DataLoader (x, y) batches), pytorch-ood's Detector contract and Benchmark, the baselines as
-detectors with the evaluation tables' scores, and the error messages for inputs we cannot read."""
+"""dlsr/detector.py: the Python API's detectors (fit, calibrate, predict, pytorch-ood's protocol) and
+their agreement with the scripts."""
 import gzip
 import json
+import logging
 import os
 import shutil
 
@@ -13,17 +13,19 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datasets.registry import DEBIAN_FASHION_MNIST
-from tests.helpers import run_inprocess
-from utils.detector import DLSRDetector, KNNDetector, MahalanobisDetector, as_uint8_images
-
-pytorch_ood = pytest.importorskip("pytorch_ood")
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
-                                  reason="Debian's dataset-fashion-mnist is not installed")
-
-
-def digits_uint8():
-    return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+from datasets import build_dataset, random_subset
+from datasets.torchvision_sets import DEBIAN_FASHION_MNIST
+from dlsr.detector import DLSRDetector, KNNDetector, MahalanobisDetector
+from errors import UserError
+from experiment.config import load_config
+from tests.helpers import (
+    digits_uint8,
+    needs_fmnist,
+    predict,
+    run_inprocess,
+    save_digits,
+    scorer_for,
+)
 
 
 class Labelled(Dataset):
@@ -39,34 +41,37 @@ class Labelled(Dataset):
         return torch.from_numpy(self.images[i]).float().div(255)[None], self.labels[i]
 
 
-@pytest.fixture(scope="module")
-def detector(trained):
-    return DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+def independent_knn(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
+    a = train / np.linalg.norm(train, axis=1, keepdims=True)
+    b = test / np.linalg.norm(test, axis=1, keepdims=True)
+    d = np.sqrt(np.maximum(((b[:, None, :] - a[None]) ** 2).sum(-1), 0))
+    return np.sort(d, axis=1)[:, k - 1]
 
 
-def test_totensor_floats_and_uint8_images_get_equal_scores(detector):
-    digits = digits_uint8()[:40]
-    floats = torch.from_numpy(digits).float().div(255)[:, None]  # (B, 1, 8, 8), as ToTensor gives them
-    rgb = np.repeat(digits[..., None], 3, axis=-1)
-    rgb_floats = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255  # (B, 3, 8, 8)
-    reference = detector.predict(digits)
-    assert torch.equal(detector.predict(floats), reference)
-    assert torch.equal(detector.predict(rgb_floats), reference)  # gray as RGB: the same image, the same key
-    assert torch.equal(detector(digits), reference)  # pytorch-ood's call form
+def _fmnist_torchvision_layout(root) -> str:
+    """Debian's Fashion-MNIST files unpacked into torchvision's FashionMNIST/raw layout."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for name in os.listdir(DEBIAN_FASHION_MNIST):
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
+                open(os.path.join(raw, name[:-3]), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return root
 
 
-def test_one_image_without_a_batch_axis_gets_one_score(detector):
-    digits = digits_uint8()
-    rgb = np.repeat(digits[7][..., None], 3, axis=-1)  # (8, 8, 3): one image, not 8 grayscale ones
-    one = detector.predict(rgb)
-    assert one.shape == (1,) and torch.equal(one, detector.predict(digits[7:8]))
-    assert torch.equal(detector.predict(digits[7]), one)  # (H, W)
-    chw = torch.from_numpy(digits[7]).float().div(255)[None]  # one ToTensor image (1, H, W)
-    assert torch.equal(detector.predict(chw), one)
+class Relabelled(Dataset):
+    def __init__(self, base, label):
+        self.base, self.label = base, label
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], self.label
 
 
 def test_a_dataloader_of_xy_pairs_fits_calibrates_and_predicts(trained, tmp_path):
-    from utils.config import load_config
+    from experiment.config import load_config
     cfg = load_config(trained.config)
     cfg.output_dir, cfg.train.epochs = str(tmp_path / "api"), 1
     digits = digits_uint8()
@@ -93,7 +98,7 @@ def test_detector_is_a_pytorch_ood_detector(detector):
 
 
 def test_fit_features_takes_labels_and_refit_clears_the_thresholds(detector, trained, tmp_path):
-    from utils.config import load_config
+    from experiment.config import load_config
     cfg = load_config(trained.config)
     cfg.output_dir, cfg.train.epochs = str(tmp_path / "refit"), 1
     z, _ = detector.features(digits_uint8()[:256])
@@ -147,13 +152,6 @@ def test_predict_features_with_keys_equals_predict_and_without_keys_differs(dete
     assert torch.equal(without, detector.predict_features(z.clone()))
 
 
-def independent_knn(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
-    a = train / np.linalg.norm(train, axis=1, keepdims=True)
-    b = test / np.linalg.norm(test, axis=1, keepdims=True)
-    d = np.sqrt(np.maximum(((b[:, None, :] - a[None]) ** 2).sum(-1), 0))
-    return np.sort(d, axis=1)[:, k - 1]
-
-
 def test_baseline_detectors_equal_the_evaluation_tables_scores(trained, tmp_path):
     from datasets import build_dataset, random_subset
     out = tmp_path / "eval"
@@ -183,28 +181,6 @@ def test_dlsr_next_to_knn_in_a_few_lines(detector):
         s_id, s_ood = det(digits[1000:1500]).numpy(), det(noise).numpy()
         auroc = roc_auc_score(np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))], np.r_[s_id, s_ood])
         assert auroc > 0.9, type(det).__name__
-
-
-def _fmnist_torchvision_layout(root) -> str:
-    """Debian's Fashion-MNIST files unpacked into torchvision's FashionMNIST/raw layout."""
-    raw = os.path.join(root, "FashionMNIST", "raw")
-    os.makedirs(raw, exist_ok=True)
-    for name in os.listdir(DEBIAN_FASHION_MNIST):
-        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
-                open(os.path.join(raw, name[:-3]), "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return root
-
-
-class Relabelled(Dataset):
-    def __init__(self, base, label):
-        self.base, self.label = base, label
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base[i][0], self.label
 
 
 @needs_fmnist
@@ -242,28 +218,6 @@ def test_pytorch_ood_benchmark_gives_the_evaluation_scripts_auroc(trained, detec
     assert result[0]["AUROC"] == pytest.approx(ours, abs=0.0005)  # 0.05 AUROC points
 
 
-def test_as_uint8_images_conversions_by_hand():
-    gray = np.arange(16, dtype=np.uint8).reshape(4, 4)
-    assert as_uint8_images(gray, 4).shape == (1, 4, 4)
-    # (2, 4, 4) reads as one (H, W, C=4) image by the rule: a batch of two 4 x 4 grayscale images is
-    # given as (2, 1, 4, 4) (of the axes of size 1 and 4 that could hold channels, the smaller does).
-    assert as_uint8_images(np.stack([gray, gray])[:, None], 4).shape == (2, 4, 4)
-    chw = torch.from_numpy(np.stack([gray, gray + 1, gray + 2]))[None]  # uint8 (1, 3, H, W), PILToTensor's layout
-    assert torch.equal(as_uint8_images(chw, 4)[0, 1, 2], torch.tensor([6, 7, 8], dtype=torch.uint8))
-    floats = chw.float() / 255
-    assert torch.equal(as_uint8_images(floats, 4), as_uint8_images(chw, 4))
-    hwc = chw.permute(0, 2, 3, 1).contiguous()  # uint8 (1, H, W, 3): channels last, as it is
-    assert torch.equal(as_uint8_images(hwc, 4), hwc) and torch.equal(as_uint8_images(hwc.numpy(), 4), hwc)
-    assert torch.equal(as_uint8_images(hwc[0], 4), hwc)  # one (H, W, 3) image
-    rgb = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(3)])
-    assert torch.equal(as_uint8_images(list(rgb), 4), torch.from_numpy(rgb))  # a list of (H, W, 3) images
-    assert torch.equal(as_uint8_images([gray, rgb[1]], 4)[0], torch.from_numpy(np.repeat(gray[..., None], 3, -1)))
-    with pytest.raises(ValueError, match="between 0 and 1.*values up to 1.2"):
-        as_uint8_images(torch.full((1, 1, 4, 4), 1.2), 4)  # not ToTensor's range, though not negative
-    with pytest.raises(ValueError, match="cannot read images of shape \\(1, 5, 4, 5\\)"):
-        as_uint8_images(np.zeros((1, 5, 4, 5), np.uint8), 4)
-
-
 def test_baseline_predict_features_gives_the_headline_scores_by_default(detector):
     digits = digits_uint8()
     knn = KNNDetector(detector.cfg, k=2, device="cpu").fit([digits[:300]])
@@ -275,3 +229,114 @@ def test_baseline_predict_features_gives_the_headline_scores_by_default(detector
     assert torch.equal(maha.predict_features(z, keys), maha(digits[300:340]))
     with pytest.raises(RuntimeError, match="not fitted"):
         KNNDetector(detector.cfg).predict_features(z)
+
+
+def test_the_configs_device_is_used_even_when_cuda_seems_available(trained, monkeypatch):
+    from dlsr.detector import DLSRDetector
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = load_config(trained.config)
+    assert cfg.device == "cpu"
+    assert DLSRDetector(cfg).ctx.device == torch.device("cpu")
+    cfg.device = "auto"
+    assert DLSRDetector(cfg).ctx.device == torch.device("cuda:0")  # auto would take the GPU
+    assert DLSRDetector(cfg, device="cpu").ctx.device == torch.device("cpu")
+
+
+def test_refitting_a_baseline_detector_clears_its_thresholds(trained):
+    from dlsr.detector import KNNDetector, MahalanobisDetector
+    z = torch.randn(40, 512)
+    for det in (KNNDetector(trained.config, k=1, device="cpu"), MahalanobisDetector(trained.config, device="cpu")):
+        det.fit_features(z)
+        det.thresholds = {det.score: 1.0}
+        det.fit_features(z + 1)
+        assert det.thresholds is None
+        with pytest.raises(RuntimeError, match="calibrate"):
+            det.is_ood(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_dlsr_fit_features_refuses_another_runs_folder_but_refits_its_own(tiny):
+    from dlsr.detector import DLSRDetector
+    cfg = tiny.write(train={"epochs": 1, "subset": 64})
+    z = torch.randn(64, 512)
+    first = DLSRDetector(cfg, device="cpu").fit_features(z)
+    first.fit_features(z + 0.1)  # its own refit replaces its checkpoints
+    with pytest.raises(UserError, match="already holds checkpoints of a run"):
+        DLSRDetector(cfg, device="cpu").fit_features(z)
+
+
+def test_predict_features_without_keys_does_not_depend_on_row_position_or_other_rows(trained):
+    from dlsr.detector import DLSRDetector
+    det = DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+    z = torch.randn(6, 512)
+    full = det.predict_features(z)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert torch.equal(det.predict_features(z[perm]), full[perm])
+    assert torch.equal(det.predict_features(z[2:3]), full[2:3])
+    assert torch.equal(det.predict_features(torch.cat([z[4:5], torch.randn(3, 512)]))[:1], full[4:5])
+
+
+def test_api_device_names_are_checked(trained):
+    from dlsr.detector import DLSRDetector, KNNDetector
+    for device in ("tpu", "cuda:x", "CPU"):
+        with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+            DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device=device)
+    with pytest.raises(ValueError, match="device must be"):
+        KNNDetector(trained.config).to("gpu")
+
+
+def test_detector_api(trained, tmp_path):
+    det = DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+    with pytest.raises(RuntimeError, match="calibrate"):
+        det.is_ood(np.zeros((1, 8, 8), np.uint8))
+    digits = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    th = det.calibrate([digits[i:i + 500] for i in range(0, len(digits), 500)], tpr=0.9)
+    save_digits(tmp_path / "p", [3])
+    _, rows = predict(trained, tmp_path / "p.csv", tmp_path / "p", extra=("--tpr", "0.9"))
+    assert th == pytest.approx(json.loads((tmp_path / "p.json").read_text())["thresholds"], rel=1e-6)
+    both = det.predict([str(tmp_path / "p" / "d0003.png")], all_scores=True)
+    assert float(both["MSE"][0]) == pytest.approx(float(rows[0]["MSE"]), rel=1e-5)
+    assert torch.equal(det.predict(digits[3:4]), both["MFsim"])  # array and file: one image, one score
+    noise = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    assert det.is_ood(noise).all()
+    z, keys = det.features(np.stack([digits[0]] * 5))  # (5, 8, 8): five grayscale images
+    assert torch.equal(det.predict_features(z, keys), det.predict(digits[[0] * 5]))
+    assert det.predict_features(z).shape == (5,)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        DLSRDetector(trained.config, device="cpu").predict(noise)
+
+
+def test_fit_features_trains_like_main(trained, tmp_path):
+    cfg = load_config(trained.config)
+    cfg.output_dir = str(tmp_path / "api")
+    det = DLSRDetector(cfg, device="cpu")
+    train_set = random_subset(build_dataset("digits", "train", cfg.data_path, 32), 256)
+    scorer = scorer_for(cfg, det.ctx, {"end": str(trained.ckpt / "checkpoint-last.pth")})
+    det.fit_features(scorer.set_features(train_set, split="train").z)  # the features main.py trained on
+    ours = torch.load(tmp_path / "api" / "checkpoint-last.pth")["ema"]["weights"]
+    main = torch.load(trained.ckpt / "checkpoint-last.pth")["ema"]["weights"]
+    for k in ours:
+        assert torch.allclose(ours[k], main[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_wrong_keys_and_ks_are_refused_in_the_users_terms(trained):
+    from dlsr.detector import DLSRDetector, KNNDetector
+    d = DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+    z = torch.randn(3, 512)
+    for keys in (torch.arange(2), torch.zeros(3), torch.zeros(3, 1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="keys must be one integer per vector, shape \\(3,\\)"):
+            d.predict_features(z, keys=keys)
+    assert d.predict_features(z, keys=[1, 2, 3]).shape == (3,)
+    for k in (2.7, 0, True):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            KNNDetector(trained.config, k=k)
+    assert KNNDetector(trained.config, k=2.0).score == "kNN_k2"
+
+
+def test_calibrating_on_a_handful_of_images_warns(trained, caplog):
+    from dlsr.detector import DLSRDetector
+    d = DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        d.calibrate([np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)])
+    said = [r.message for r in caplog.records if "calibration image(s) are few" in r.message]
+    assert len(said) == 1 and "3 calibration image(s)" in said[0] and "100 or more" in said[0]

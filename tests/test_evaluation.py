@@ -1,6 +1,5 @@
-"""The evaluation scripts end to end on a tiny trained run: tables recomputed from the saved scores, LR
-as first minus end, seeds, an OOD set equal to the ID set at chance, release-layout checkpoints
-scoring like ours, bad inputs in one line, missing sets."""
+"""engine/evaluation.py through test_mse_mfsim.py and test_LR.py: outputs against metrics recomputed
+from the saved scores, missing sets, groups and baselines, bad inputs."""
 import csv
 import json
 import os
@@ -8,26 +7,31 @@ import re
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from models.features import MultiLayerFeatures
+from datasets import build_dataset, random_subset
+from engine.scorer import image_noise
+from experiment.config import load_config
+from models.features import MultiLayerFeatures, standardize
 from models.lfdn import LFDN
-from tests.helpers import run_inprocess, run_script, write_release_checkpoint
-from utils.checkpoint import load_checkpoint
-from utils.metrics import ood_metrics
-
-
-def evaluate(t, out, *extra, script="test_mse_mfsim.py", check=True, torchrun=0, subprocess=False, threads=0):
-    """Run an evaluation script; in this process unless ``subprocess`` or ``torchrun`` (then as a user would)."""
-    if script == "test_mse_mfsim.py":
-        ckpt = ["--pretrained_ldm_ckpt", str(t.ckpt / "checkpoint-last.pth")]
-    else:
-        ckpt = ["--pretrained_ldm_ckpt_first", str(t.ckpt / "checkpoint-0.pth"),
-                "--pretrained_ldm_ckpt_end", str(t.ckpt / "checkpoint-last.pth")]
-    args = [*ckpt, "--pretrained_ldm_cfg", t.config, "--evaluate", "--output_dir", str(out), *extra]
-    if subprocess or torchrun:
-        return run_script(script, *args, check=check, torchrun=torchrun, threads=threads)
-    return run_inprocess(script, *args, "--no_plots", check=check)
+from scoring.metrics import ood_metrics
+from store.checkpoint import (
+    load_checkpoint,
+)
+from tests.helpers import (
+    CPU,
+    brute_knn,
+    error_line,
+    evaluate,
+    run_inprocess,
+    run_script,
+    scorer_for,
+    try_evaluate,
+    write_release_checkpoint,
+)
+from utils.distributed import DistContext
 
 
 def table_rows(markdown: str, block: str) -> dict:
@@ -39,6 +43,33 @@ def table_rows(markdown: str, block: str) -> dict:
         if m:
             rows[m.group(1)] = [float(x) for x in m.groups()[2:]]
     return rows
+
+
+def test_baselines_and_groups_in_an_evaluation(trained, tmp_path):
+    out = tmp_path / "b"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots",
+                  "--baselines", "knn,mahalanobis", "--knn_k", "1,7", "--ood", "three=digits@3",
+                  "--ood", "gauss=noise:gaussian:200", "--group", "three=near", "--group", "gauss=far")
+    md = (out / "results.md").read_text()
+    assert "## kNN_k7  (baseline on the same features, not DLSR)" in md and "## Mahalanobis  (baseline" in md
+    assert "| **near mean** |" in md and "| **far mean** |" in md
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["baselines"] == ["kNN_k1", "kNN_k7", "Mahalanobis"]
+    for field in ("MFsim", "kNN_k7"):
+        assert data["metrics"][field]["near mean"] == data["metrics"][field]["three"]
+        assert data["metrics"][field]["far mean"] == data["metrics"][field]["gauss"]
+    scores = np.load(out / "scores" / "three.npy")
+    assert set(scores.dtype.names) == {"MFsim", "MSE", "kNN_k1", "kNN_k7", "Mahalanobis"}
+    # The ID training features (digits, subset 256 in this config) come from the cache training wrote.
+    from experiment.config import load_config
+    cfg = load_config(trained.config)
+    scorer = scorer_for(cfg, DistContext(0, 1, 0, torch.device("cpu")),
+                                     {"end": str(trained.ckpt / "checkpoint-last.pth")})
+    train = scorer.set_features(random_subset(build_dataset("digits", "train", cfg.data_path, 32), 256), split="train")
+    assert train.from_cache
+    z = scorer.set_features(build_dataset("digits@3", "test", cfg.data_path, 32)).z
+    assert np.allclose(scores["kNN_k7"], brute_knn(train.z.double().numpy(), z.double().numpy(), 7), atol=1e-5)
 
 
 def test_mse_mfsim_outputs_match_metrics_recomputed_from_saved_scores(trained):
@@ -83,15 +114,6 @@ def test_lr_is_first_minus_end_and_end_equals_the_single_checkpoint_scores(train
         assert not np.array_equal(s["first_MFsim"], s["end_MFsim"])
 
 
-def test_same_seed_same_scores_other_seed_other_scores(trained):
-    evaluate(trained, trained.tmp / "s0a")
-    evaluate(trained, trained.tmp / "s0b")
-    evaluate(trained, trained.tmp / "s1", "--seed", "1")
-    a, b, c = (np.load(trained.tmp / d / "scores" / "ID.npy") for d in ("s0a", "s0b", "s1"))
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a["MFsim"], c["MFsim"])
-
-
 def test_an_ood_set_identical_to_the_id_set_is_at_chance(trained):
     out = trained.tmp / "same"
     evaluate(trained, out, "--ood", "same=digits")
@@ -113,12 +135,6 @@ def test_release_layout_checkpoint_scores_like_ours(trained):
         assert np.array_equal(np.load(out / "scores" / f"{name}.npy"),
                               np.load(trained.tmp / "ours-res" / "scores" / f"{name}.npy"))
     assert "release, epoch 149" in (out / "results.md").read_text()
-
-
-def error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    return proc.stderr.strip().splitlines()[-1]
 
 
 def test_bad_inputs_give_one_line_and_lose_nothing(trained):
@@ -169,7 +185,100 @@ def test_skip_missing_marks_sets_in_the_table(trained):
     evaluate(trained, out, "--ood", "gauss=noise:gaussian:200", "--ood", "LSUN=folder:LSUN", "--skip_missing")
     md = (out / "results.md").read_text()
     assert "| LSUN | missing |" in md
+    assert "| **mean** | incomplete (LSUN missing) | - | - | - | - |" in md  # no mean over fewer sets
     data = json.loads((out / "results.json").read_text())
-    assert data["metrics"]["MFsim"]["LSUN"] is None
-    assert data["metrics"]["MFsim"]["mean"]["AUROC"] == data["metrics"]["MFsim"]["gauss"]["AUROC"]
+    assert data["metrics"]["MFsim"]["LSUN"] is None and data["metrics"]["MFsim"]["mean"] is None
+    rows = {(r["score"], r["ood_set"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows[("MFsim", "LSUN")]["AUROC"] == "missing" and rows[("MFsim", "mean")]["AUROC"] == "incomplete"
+    assert float(rows[("MFsim", "gauss")]["AUROC"]) > 90
     assert not os.path.exists(out / "scores" / "LSUN.npy")
+
+
+def test_ood_names_that_collide_are_refused(trained, tmp_path):
+    line = error_line(try_evaluate(trained, tmp_path / "o", "--ood", "x y=digits", "--ood", "x_y=photos:100"))
+    assert "'x y' and 'x_y'" in line and "scores/x_y.npy" in line
+    assert "twice" in error_line(try_evaluate(trained, tmp_path / "o", "--ood", "a=digits", "--ood", "a=photos:100"))
+
+
+def test_two_of_our_own_runs_contend_for_an_evaluation_folder(trained, tmp_path):
+    from store.report import output_lock
+    out = tmp_path / "res"
+    with output_lock(str(out)):  # this process holds our lock; another process asks for it
+        proc = run_script("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                          "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), check=False)
+    assert proc.returncode == 2 and "is in use by another run" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag,value,key,typed", [
+    ("--subset_timesteps_num", "1", "diffusion.subset_timesteps_num", 1),
+    ("--subset_timesteps_num", "10", "diffusion.subset_timesteps_num", 10),
+    ("--eta", "0", "diffusion.eta", 0.0),
+    ("--indexing", "consistent", "diffusion.indexing", "consistent"),
+    ("--mfsim_layers", "all", "eval.mfsim_layers", "all"),
+    ("--seed", "3", "eval.seed", 3),
+])
+def test_each_score_flag_gives_what_the_engine_gives_with_that_setting(trained, baseline, tmp_path, flag, value, key,
+                                                                       typed):
+    out = tmp_path / "flag"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots", flag, value)
+    got = np.load(out / "scores" / "gauss.npy")
+    default = np.load(baseline / "scores" / "gauss.npy")
+    cfg = load_config(trained.config)
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, typed)  # the setting applied directly, not through the flag
+    scorer = scorer_for(cfg, CPU, {"end": str(trained.ckpt / "checkpoint-last.pth")})
+    feats = scorer.set_features(build_dataset("noise:gaussian:200", "test", cfg.data_path, 32))
+    expected = scorer.scores(feats.z, feats.keys)
+    changed = "MFsim" if key != "eval.mfsim_layers" else "MFsim"
+    assert np.array_equal(got[changed], expected[changed])
+    assert not np.allclose(got[changed], default[changed], rtol=1e-4)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta[name if name != "subset_timesteps_num" else "subset_timesteps_num"] == typed
+
+
+def test_mfsim_layers_all_averages_every_layer_by_hand(trained, tmp_path):
+    cfg = load_config(trained.config)
+    cfg.eval.mfsim_layers = "all"
+    scorer = scorer_for(cfg, CPU, {"end": str(trained.ckpt / "checkpoint-last.pth")})
+    z = standardize(torch.randn(6, 512), scorer.extractor.indices)
+    keys = torch.arange(6)
+    d = cfg.diffusion
+    rec = scorer.diffusion.reconstruct(scorer.models["end"], z, d.subset_timesteps_num, d.eta, indexing=d.indexing,
+                                       noise=image_noise(keys, cfg.eval.seed, "end",
+                                                         scorer.diffusion.noise_draws(3, 1.0, "release"), (512,)))
+    bounds = [0, 16, 40, 80, 192, 512]
+    cos = torch.stack([F.cosine_similarity(rec[:, lo:hi], z[:, lo:hi], dim=1) for lo, hi in zip(bounds, bounds[1:])], 1)
+    got = scorer.scores(z, keys)
+    assert np.allclose(got["MFsim"], -cos.mean(1).double().numpy(), atol=1e-6)
+    assert np.allclose(got["MSE"], ((rec - z) ** 2).sum(1).double().numpy(), rtol=1e-5)
+
+
+def test_fpr95_convention_flag_changes_the_saved_metric_to_that_convention(trained, baseline, tmp_path):
+    out = tmp_path / "fpr"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), "--no_plots",
+                  "--fpr95", "ood_positive", "--ood", "same=digits", "--ood", "gauss=noise:gaussian:200")
+    ids, same = np.load(out / "scores" / "ID.npy")["MSE"], np.load(out / "scores" / "same.npy")["MSE"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["fpr95"] == "ood_positive"
+    fpr = saved["metrics"]["MSE"]["same"]["FPR95"]
+    assert fpr == pytest.approx(ood_metrics(ids, same, "ood_positive")["FPR95"])
+    # The release convention on the same scores: OOD accepted while 95% of ID is kept.
+    assert ood_metrics(ids, same, "release")["FPR95"] == pytest.approx(np.mean(same < np.percentile(ids, 95)))
+    assert abs(fpr - ood_metrics(ids, same, "release")["FPR95"]) > 0.01
+    default = json.loads((baseline / "results.json").read_text())
+    assert default["meta"]["fpr95"] == "release"
+
+
+def test_the_variant_flags_reach_the_evaluation_and_its_report(trained, tmp_path):
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--noise_draws", "2", "--layer_norm", "--no_plots",
+                  "--output_dir", str(tmp_path / "v"))
+    md = (tmp_path / "v" / "results.md").read_text()
+    assert "Score variant (not the release's): 2 noise draws averaged, layer-normalised errors" in md
+    import json
+    meta = json.loads((tmp_path / "v" / "results.json").read_text())["meta"]
+    assert (meta["noise_draws"], meta["layer_norm"]) == (2, True)
+    id_scores = np.load(tmp_path / "v" / "scores" / "ID.npy")["MFsim"]
+    assert abs(id_scores.mean()) < 0.5  # standardised against the ID training vectors: centred near 0

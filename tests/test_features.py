@@ -1,7 +1,7 @@
-"""The frozen backbones and the neck: b4's taps and arithmetic equal to the release's to the last bit,
-ResNet-50's to torchvision's, widths and indices, eval mode, identity by weights, the real Lite0
-weights, per-layer standardisation by hand, the batched image path equal to torchvision's, weights
-files found, refused or missing."""
+"""models/features.py and models/backbones/: the taps, the neck, bit-identity with the release and
+torchvision, weights files, normalisation."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,16 +9,71 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 
+from datasets import build_dataset
 from datasets.images import ArrayImages, to_rgb_resized
-from models.features import BACKBONES, MultiLayerFeatures, standardize
-from utils.distributed import DistContext
+from engine.factory import build_extractor
+from engine.training import build_trainer
 from errors import UserError
-from utils.features import extract_features
+from experiment.config import load_config
+from models.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone
+from models.features import BackboneId, MultiLayerFeatures, standardize
+from store.checkpoint import (
+    load_checkpoint,
+)
+from store.feature_cache import cache_key
+from tests.helpers import CPU
 
 
 @pytest.fixture(scope="module")
 def b4():
     return MultiLayerFeatures("efficientnet-b4", weights="random")
+
+
+def calibrated(name: str) -> MultiLayerFeatures:
+    """A random backbone whose BatchNorm statistics come from noise images, so activations are O(1)
+    everywhere (with fresh statistics b4's deep layers are nearly zero and hide rounding differences)."""
+    f = MultiLayerFeatures(name, weights="random")
+    g = torch.Generator().manual_seed(0)
+    f.backbone.train()
+    for m in f.backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(2):
+            f.backbone(torch.randn(4, 3, 224, 224, generator=g))
+    f.backbone.eval()
+    return f
+
+
+def release_neck(maps, strides):
+    """The release: UpsamplingBilinear2d(scale_factor=stride/16) on every map, concatenate, average."""
+    up = [nn.UpsamplingBilinear2d(scale_factor=s / 16)(m) for m, s in zip(maps, strides)]
+    return torch.cat(up, dim=1).mean(dim=(2, 3))
+
+
+def literal_b4_taps(net, x):
+    """b4 block by block, written out, with swish computed as the release computes it: x * sigmoid(x)."""
+    def swish(v):
+        return v * torch.sigmoid(v)
+
+    x = swish(net._bn0(net._conv_stem(x)))
+    maps = []
+    for idx, b in enumerate(net._blocks[:32]):
+        inputs = x
+        if b._block_args.expand_ratio != 1:
+            x = swish(b._bn0(b._expand_conv(x)))
+        x = swish(b._bn1(b._depthwise_conv(x)))
+        if b.has_se:
+            s = b._se_expand(swish(b._se_reduce(torch.nn.functional.adaptive_avg_pool2d(x, 1))))
+            x = torch.sigmoid(s) * x
+        x = b._bn2(b._project_conv(x))
+        args = b._block_args
+        if b.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+            x = x + inputs
+        if idx in (1, 5, 9, 21, 31):
+            maps.append(x)
+    return maps
 
 
 def test_b4_taps_equal_extract_endpoints_with_the_release_neck(b4):
@@ -42,7 +97,7 @@ def test_b4_taps_equal_extract_endpoints_with_the_release_neck(b4):
 ])
 def test_widths_and_indices(name, dim, indices):
     f = MultiLayerFeatures(name, weights="random")
-    assert f.feature_dim == dim and f.indices == indices == BACKBONES[name].indices
+    assert f.feature_dim == dim and f.indices == indices == backbone(name).indices
     for size in (224, 112, 64):
         assert f(torch.randn(2, 3, size, size)).shape == (2, dim)
     assert f.identity.startswith(name + "@")
@@ -138,68 +193,6 @@ def test_local_weights_file_is_used(tmp_path):
     assert torch.equal(b.backbone._bn0.bias, sd["_bn0.bias"])
 
 
-def test_extraction_decodes_in_large_batches_but_runs_the_backbone_batch_by_batch():
-    # Lite0's outputs for one image alone differ at rounding level from the same image inside a
-    # batch, so equality here means the backbone saw one image at a time (extract batch 1),
-    # although the loader decoded all ten together.
-    f = MultiLayerFeatures("efficientnet-lite0")
-    images = ArrayImages("x", np.random.default_rng(2).integers(0, 256, (10, 28, 28), dtype=np.uint8), 32)
-    got, _ = extract_features(f, images, DistContext(0, 1, 0, torch.device("cpu")), 1, 0, "fp32", "test")
-    with torch.no_grad():
-        x = f.normalize(torch.stack([images[i] for i in range(10)]))
-        expected = torch.cat([f(x[i:i + 1]) for i in range(10)])
-        if torch.equal(f(x), expected):
-            pytest.skip("on this CPU, batch size does not change the backbone's outputs: nothing to tell apart")
-    assert torch.equal(got, expected)
-
-
-def calibrated(name: str) -> MultiLayerFeatures:
-    """A random backbone whose BatchNorm statistics come from noise images, so activations are O(1)
-    everywhere (with fresh statistics b4's deep layers are nearly zero and hide rounding differences)."""
-    f = MultiLayerFeatures(name, weights="random")
-    g = torch.Generator().manual_seed(0)
-    f.backbone.train()
-    for m in f.backbone.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
-    with torch.no_grad():
-        for _ in range(2):
-            f.backbone(torch.randn(4, 3, 224, 224, generator=g))
-    f.backbone.eval()
-    return f
-
-
-def release_neck(maps, strides):
-    """The release: UpsamplingBilinear2d(scale_factor=stride/16) on every map, concatenate, average."""
-    up = [nn.UpsamplingBilinear2d(scale_factor=s / 16)(m) for m, s in zip(maps, strides)]
-    return torch.cat(up, dim=1).mean(dim=(2, 3))
-
-
-def literal_b4_taps(net, x):
-    """b4 block by block, written out, with swish computed as the release computes it: x * sigmoid(x)."""
-    def swish(v):
-        return v * torch.sigmoid(v)
-
-    x = swish(net._bn0(net._conv_stem(x)))
-    maps = []
-    for idx, b in enumerate(net._blocks[:32]):
-        inputs = x
-        if b._block_args.expand_ratio != 1:
-            x = swish(b._bn0(b._expand_conv(x)))
-        x = swish(b._bn1(b._depthwise_conv(x)))
-        if b.has_se:
-            s = b._se_expand(swish(b._se_reduce(torch.nn.functional.adaptive_avg_pool2d(x, 1))))
-            x = torch.sigmoid(s) * x
-        x = b._bn2(b._project_conv(x))
-        args = b._block_args
-        if b.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
-            x = x + inputs
-        if idx in (1, 5, 9, 21, 31):
-            maps.append(x)
-    return maps
-
-
 def test_b4_features_equal_the_release_arithmetic_to_the_last_bit():
     f = calibrated("efficientnet-b4")
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
@@ -225,3 +218,53 @@ def test_resnet50_features_equal_torchvisions_own_forward_to_the_last_bit():
         reference = release_neck(maps, (4, 8, 16))  # (2, 1792)
         ours = f(x)
     assert torch.equal(ours, reference), (ours - reference).abs().max().item()
+
+
+def test_one_backbone_id_for_checkpoints_cache_and_checks(trained):
+
+    cfg = load_config(trained.config)
+    extractor = MultiLayerFeatures(cfg.backbone.name, cfg.backbone.weights)
+    bid = extractor.backbone_id(cfg.backbone.input_size)
+    assert (bid.name, bid.input_size, bid.feature_dim, bid.layers, bid.indices) == \
+           ("efficientnet-lite0", 32, 512, (0, 1, 2, 3, 4), (16, 40, 80, 192, 512))
+    assert bid.identity == extractor.identity and bid.weights == extractor.digest
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bid.input_size = 64
+    # What training stored is this id's record, field for field.
+    assert load_checkpoint(str(trained.ckpt / "checkpoint-last.pth")).backbone == bid.record() == {
+        "name": "efficientnet-lite0", "identity": extractor.identity, "input_size": 32, "feature_dim": 512,
+        "indices": [16, 40, 80, 192, 512], "layers": [0, 1, 2, 3, 4]}
+    # The cache key follows the id: another input size or other weights is another file.
+    ds = build_dataset("noise:uniform:4", "test", cfg.data_path, 32)
+    key = cache_key(bid, ds, "test", "fp32", 8)
+    assert (key["backbone"], key["input_size"]) == (bid.identity, 32)
+    assert cache_key(dataclasses.replace(bid, input_size=64), ds, "test", "fp32", 8) != key
+    assert cache_key(dataclasses.replace(bid, weights="0" * 16), ds, "test", "fp32", 8) != key
+    # The taps the LFDN uses select from the cached raw vector, so they do not change the key.
+    assert cache_key(MultiLayerFeatures(cfg.backbone.name, layers=[4]).backbone_id(32), ds, "test", "fp32", 8) == key
+    assert isinstance(bid, BackboneId)
+
+
+def test_input_normalisation_of_each_backbone_by_hand():
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    x = images.permute(0, 3, 1, 2).float() / 255
+    lite = MultiLayerFeatures("efficientnet-lite0").normalize(images)
+    assert torch.allclose(lite, (x - 0.5) / 0.5, atol=1e-6)  # Lite weights expect [-1, 1]
+    b4 = MultiLayerFeatures("efficientnet-b4", weights="random").normalize(images)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(b4, (x - mean) / std, atol=1e-6)
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_backbone_layers_select_those_taps_slices(tiny_shared):
+    from engine.extraction import standardized_features
+    cfg = load_config(tiny_shared.write(backbone={"name": "efficientnet-lite0", "input_size": 32, "layers": [1, 4]}))
+    part, whole = build_extractor(cfg), MultiLayerFeatures("efficientnet-lite0")
+    assert (part.feature_dim, part.indices, part.raw_dim) == (24 + 320, [24, 344], 512)
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = whole(whole.normalize(images))  # (3, 512): taps 16 | 24 | 40 | 112 | 320
+    expected = standardize(torch.cat([raw[:, 16:40], raw[:, 192:512]], dim=1), [24, 344])
+    assert torch.allclose(standardized_features(part, images, CPU, False), expected, atol=1e-5)
+    trainer = build_trainer(cfg, CPU)
+    assert trainer.model.in_channels == 344 and trainer.cached.shape[1] == 344

@@ -1,12 +1,18 @@
-"""Two ranks under torchrun, as two "nodes" over localhost whose feature caches are separate
-folders (per-node disks): one node holds the cache a single-process run filled and the other starts
-empty, or both start empty. Each case must equal one process (training: with the doubled batch)."""
+"""Two torchrun nodes over localhost (each with its own cache folder): training, evaluation, a SIGTERM."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import Tiny, run_inprocess, run_two_nodes
-from utils.checkpoint import load_checkpoint
+from store.checkpoint import (
+    load_checkpoint,
+)
+from tests.helpers import ROOT, Tiny, run_inprocess, run_two_nodes
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +79,10 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     """A preemption that reaches one rank only: the ranks agree (the request travels with the loss's
     all-reduce), rank 0 writes checkpoint-last.pth, every rank exits 143; resumed on two nodes, the
     run ends with the weights of a two-node run that never stopped."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import psutil
 
-    from tests.helpers import ROOT, free_port
+    from tests.helpers import free_port
 
     t = single
     cfg = t.write("long.yaml", train={"epochs": 14, "batch_size": 16, "save_every": 100})

@@ -1,108 +1,26 @@
-"""OpenOOD v1.5's data layout (issue 31), on a miniature root in the real layout: digits 0-4 as the ID
-set "cifar10", digits 5-9, noise and photo crops as its OOD sets, each list in OpenOOD's format."""
+"""datasets/openood.py: OpenOOD v1.5's lists on a miniature root in the real layout, and openood.csv."""
 import csv
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
-import torch
-import yaml
-from PIL import Image
+from sklearn.metrics import roc_auc_score
 
-from tests.helpers import ROOT, Tiny, run_inprocess
-
-SIDE = 16  # every miniature image is 16 x 16 RGB, so that pytorch-ood's loaders can batch them
-PRESET = os.path.join(ROOT, "config", "openood_cifar10.yaml")
+from datasets import build_dataset
+from dlsr.detector import DLSRDetector
+from errors import UserError
+from tests.helpers import run_inprocess
 
 
-def _save(img: np.ndarray, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(img).resize((SIDE, SIDE), Image.BILINEAR).save(path)
-
-
-def make_openood_root(root) -> dict:
-    """A miniature OpenOOD root: benchmark_imglist/cifar10/*.txt and images_classic/...; returns
-    {list name: [relative paths]}."""
-    from sklearn.datasets import load_digits, load_sample_images
-    digits = load_digits()
-    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    rgb = lambda a: np.repeat(a[..., None], 3, -1)  # noqa: E731
-    rng = np.random.default_rng(0)
-    photos = load_sample_images().images
-    lists = {}
-
-    def add(list_name, rel_dir, images, labels):
-        rels = []
-        for i, (img, label) in enumerate(zip(images, labels)):
-            rel = f"{rel_dir}/{label if label >= 0 else 'x'}/{i:04d}.png"
-            _save(img, os.path.join(root, "images_classic", rel))
-            rels.append((rel, label))
-        lists[list_name] = rels
-
-    low = np.flatnonzero(digits.target < 5)
-    high = np.flatnonzero(digits.target >= 5)
-    add("train_cifar10", "cifar10/train", [rgb(gray[i]) for i in low[:200]], digits.target[low[:200]])
-    add("val_cifar10", "cifar10/val", [rgb(gray[i]) for i in low[200:240]], digits.target[low[200:240]])
-    add("test_cifar10", "cifar10/test", [rgb(gray[i]) for i in low[240:340]], digits.target[low[240:340]])
-    add("test_cifar100", "cifar100/test", [rgb(gray[i]) for i in high[:60]], [-1] * 60)
-    add("test_tin", "tin/test", list(rng.integers(0, 256, (40, SIDE, SIDE, 3), dtype=np.uint8)), [-1] * 40)
-    add("val_tin", "tin/val", list(rng.integers(0, 256, (30, SIDE, SIDE, 3), dtype=np.uint8)), [-1] * 30)
-    add("test_mnist", "mnist/test", [rgb(255 - gray[i]) for i in high[60:100]], [-1] * 40)
-    add("test_svhn", "svhn/test", [np.clip(rng.normal(128, 60, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
-                                   for _ in range(30)], [-1] * 30)
-    crops = [photos[k][y:y + 64, x:x + 64] for k in (0, 1) for y in range(0, 256, 64) for x in range(0, 256, 64)]
-    add("test_texture", "texture/test", crops[:16], [-1] * 16)
-    add("test_places365", "places365/test", crops[16:], [-1] * 16)
-    folder = os.path.join(root, "benchmark_imglist", "cifar10")
-    os.makedirs(folder, exist_ok=True)
-    for name, rels in lists.items():
-        with open(os.path.join(folder, f"{name}.txt"), "w") as f:
-            f.writelines(f"{rel} {label}\n" for rel, label in rels)
-    return lists
-
-
-@pytest.fixture(scope="module")
-def oo(tmp_path_factory):
-    """A miniature root, and a tiny run trained on openood:cifar10 with the preset's OOD sets and groups."""
-    tmp = tmp_path_factory.mktemp("openood")
-    t = Tiny(tmp)
-    t.root = tmp / "OpenOOD"
-    t.lists = make_openood_root(str(t.root))
-    preset = yaml.safe_load(open(PRESET))
-    t.config = t.write(data_path=str(t.root), train={"dataset": preset["train"]["dataset"], "subset": None,
-                                                    "epochs": 2, "batch_size": 32},
-                       eval={"dataset": preset["eval"]["dataset"], "ood": preset["eval"]["ood"],
-                             "groups": preset["eval"]["groups"], "fpr95": "ood_positive"})
-    cfg = yaml.safe_load(open(t.config))
-    cfg["eval"]["ood"] = preset["eval"]["ood"]  # in the preset's order (Tiny.write sorts the keys)
-    with open(t.config, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    run_inprocess("main.py", "--config", t.config)
-    t.ckpt_path = str(t.ckpt / "checkpoint-last.pth")
-    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", t.ckpt_path, "--output_dir", str(tmp / "res"),
-                  "--no_plots", "--baselines", "knn", "--knn_k", "1")
-    t.res = tmp / "res"
-    return t
-
-
-def test_presets_name_openoods_near_and_far_sets():
-    expected = {"cifar10": (["cifar100", "tin"], ["mnist", "svhn", "texture", "places365"]),
-                "cifar100": (["cifar10", "tin"], ["mnist", "svhn", "texture", "places365"]),
-                "imagenet200": (["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"]),
-                "imagenet": (["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"])}
-    release = yaml.safe_load(open(os.path.join(ROOT, "config", "Config.yaml")))
-    for bench, (near, far) in expected.items():
-        cfg = yaml.safe_load(open(os.path.join(ROOT, "config", f"openood_{bench}.yaml")))
-        assert cfg["train"]["dataset"] == cfg["eval"]["dataset"] == f"openood:{bench}"
-        assert list(cfg["eval"]["ood"]) == near + far
-        assert all(cfg["eval"]["ood"][s] == f"openood:{bench}/{s}" for s in near + far)
-        assert cfg["eval"]["groups"] == {**{s: "near" for s in near}, **{s: "far" for s in far}}
-        for section in ("backbone", "lfdn", "diffusion"):
-            assert cfg[section] == release[section], (bench, section)  # the release's method settings
-        assert {k: v for k, v in cfg["train"].items() if k != "dataset"} == \
-            {k: v for k, v in release["train"].items() if k != "dataset"}
+def _broken_root(oo, tmp_path, list_name, lines):
+    root = tmp_path / "root"
+    shutil.copytree(oo.root / "benchmark_imglist", root / "benchmark_imglist")
+    (root / "images_classic").symlink_to(oo.root / "images_classic")
+    (root / "benchmark_imglist" / "cifar10" / f"{list_name}.txt").write_text(lines)
+    return root
 
 
 def test_the_same_images_through_openood_and_folder_score_alike(oo, tmp_path):
@@ -115,7 +33,6 @@ def test_the_same_images_through_openood_and_folder_score_alike(oo, tmp_path):
     for name in ("tin", "svhn"):
         a, b = (np.load(out / "scores" / f"{name}_{how}.npy") for how in ("list", "folder"))
         assert len(a) == len(oo.lists[f"test_{name}"]) and np.array_equal(a, b)  # lists in path order, as folders
-    from datasets import build_dataset  # the ID list is in its own order: align it with the folder's
     listed = build_dataset("openood:cifar10", "test", str(oo.root), 32).files
     folder = build_dataset(f"folder:{root / 'cifar10' / 'test'}", "test", str(oo.root), 32).files
     order = [listed.index(f) for f in folder]
@@ -124,7 +41,7 @@ def test_the_same_images_through_openood_and_folder_score_alike(oo, tmp_path):
 
 
 def test_openood_csv_rows_columns_and_means(oo):
-    from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
     rows = list(csv.reader(open(oo.res / "openood.csv")))
     assert rows[0] == ["", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT"]
     names = [r[0] for r in rows[1:]]
@@ -157,7 +74,6 @@ def test_each_baseline_gets_its_own_openood_table(oo):
 
 
 def test_class_filters_and_the_val_split(oo):
-    from datasets import build_dataset
     ds = build_dataset("openood:cifar10@0,1", "train", str(oo.root), 32)
     labels = [label for _, label in oo.lists["train_cifar10"]]
     assert len(ds) == sum(label in (0, 1) for label in labels)
@@ -166,14 +82,6 @@ def test_class_filters_and_the_val_split(oo):
     from errors import UserError
     with pytest.raises(UserError, match="no validation split"):
         build_dataset("digits", "val", str(oo.root), 32)
-
-
-def _broken_root(oo, tmp_path, list_name, lines):
-    root = tmp_path / "root"
-    shutil.copytree(oo.root / "benchmark_imglist", root / "benchmark_imglist")
-    (root / "images_classic").symlink_to(oo.root / "images_classic")
-    (root / "benchmark_imglist" / "cifar10" / f"{list_name}.txt").write_text(lines)
-    return root
 
 
 @pytest.mark.parametrize("lines,says", [
@@ -185,7 +93,6 @@ def _broken_root(oo, tmp_path, list_name, lines):
     ("FIRST zero\n", "line 1: expected 'relative/path label' with an integer label"),
 ])
 def test_a_bad_list_is_refused_in_one_line_before_any_extraction(oo, tmp_path, lines, says):
-    import re
     root = _broken_root(oo, tmp_path, "test_cifar10", lines.replace("FIRST", oo.lists["test_cifar10"][0][0]))
     proc = run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", oo.ckpt_path, "--data_path", str(root),
                          "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "r"), check=False)
@@ -207,31 +114,11 @@ def test_a_missing_root_or_list_names_the_path_and_the_download_script(oo, tmp_p
     assert proc.returncode == 2 and "test_svhn.txt" in last and "download script" in last
 
 
-def test_choosing_k_on_the_validation_lists(oo, tmp_path):
-    out = tmp_path / "k"
-    run_inprocess("bench/openood_k.py", "--checkpoint", oo.ckpt_path, "--ks", "1,4", "--output_dir", str(out))
-    chosen = json.loads((out / "choose_k.json").read_text())
-    aurocs = {int(k): v for k, v in chosen["validation_auroc"].items()}
-    assert set(aurocs) == {1, 4} and chosen["chosen_k"] == max(aurocs, key=lambda k: (aurocs[k], -k))
-    meta = json.loads((out / "results.json").read_text())["meta"]
-    assert meta["subset_timesteps_num"] == chosen["chosen_k"] and (out / "openood.csv").is_file()
-    from utils.metrics import ood_metrics
-    from utils.detector import DLSRDetector
-    det = DLSRDetector.from_checkpoint(oo.ckpt_path, device="cpu")
-    det.cfg.diffusion.subset_timesteps_num = 4
-    from datasets import build_dataset
-    sets = [build_dataset(s, split, str(oo.root), 32) for s, split in (("openood:cifar10", "val"),
-                                                                        ("openood:cifar10/val", "test"))]
-    scores = [det.predict(torch.stack([ds[i] for i in range(len(ds))])) for ds in sets]
-    assert ood_metrics(scores[0].numpy(), scores[1].numpy())["AUROC"] == pytest.approx(aurocs[4], abs=1e-3)
-
-
 def test_pytorch_oods_openood_benchmark_gives_our_aurocs(oo, tmp_path, monkeypatch):
     pytest.importorskip("pytorch_ood")
     from pytorch_ood.benchmark import CIFAR10_OpenOOD
     from torchvision.transforms import ToTensor
 
-    from utils.detector import DLSRDetector
     hub = tmp_path / "torch_home" / "hub" / "openood_benchmark_imglist"
     shutil.copytree(oo.root / "benchmark_imglist", hub / "benchmark_imglist")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -246,10 +133,8 @@ def test_pytorch_oods_openood_benchmark_gives_our_aurocs(oo, tmp_path, monkeypat
         assert rows[theirs]["AUROC"] == pytest.approx(ours[name]["AUROC"], abs=0.0005), name
 
 
-
 def test_malformed_openood_specs_are_refused_naming_the_forms():
     from datasets.openood import parse_spec
-    from errors import UserError
     assert parse_spec("cifar10") == ("cifar10", None) and parse_spec("cifar10/tin") == ("cifar10", "tin")
     assert parse_spec("cifar10/val") == ("cifar10", "val")
     for bad in ("", "/tin", "cifar10/", "cifar10/a/b"):

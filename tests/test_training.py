@@ -1,23 +1,100 @@
-"""Training: main.py's checkpoints, log and config; cached and uncached features giving the same loss
-curve; kill-and-resume to the same weights; the feature cache keyed by the backbone's weights; a
-non-finite loss stopping the run; missing data in one line; the learning-rate schedule per step."""
+"""engine/training.py through main.py: checkpoints, logs, resume inside an epoch, stop signals, the
+output and log folders, learning rates and EMA by hand."""
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import yaml
 
+from cli import resolve_config
 from datasets import build_dataset
-from models.features import MultiLayerFeatures
-from tests.helpers import run_inprocess
-from utils.checkpoint import load_checkpoint
-from utils.config import load_config
+from engine.training import (
+    Trainer,
+    base_lr,
+    build_trainer,
+    keep_log_before,
+    lr_at,
+    train,
+)
+from errors import Preempted
+from experiment.config import load_config
+from models.features import standardize
+from store.checkpoint import (
+    load_checkpoint,
+)
+from tests.helpers import (
+    CPU,
+    ROOT,
+    Tiny,
+    error_line,
+    last,
+    run_inprocess,
+    snapshot,
+    try_evaluate,
+)
 from utils.distributed import DistContext
-from utils.features import features_for
-from utils.training import Trainer, lr_at, train
 
-CPU = DistContext(0, 1, 0, torch.device("cpu"))
+
+def tiny_trainer(t: Tiny, **sections):
+    cfg = load_config(t.write(**sections))
+    return build_trainer(cfg, CPU), cfg
+
+
+class StopAfter:
+    """A stop request that becomes true after ``n`` looks (the trainer looks once per micro-step)."""
+
+    def __init__(self, n):
+        self.n, self.name = n, "SIGTERM"
+
+    def __bool__(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["ema"]["weights"]
+
+
+def assert_equal_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _wait_for(predicate, proc, timeout=120):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+SIGNAL_RUN = dict(train={"epochs": 6, "save_every": 10, "subset": 512, "batch_size": 16})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run the signalled ones must end equal to."""
+    from tests.helpers import Tiny
+    t = Tiny(tmp_path_factory.mktemp("signals"))
+    run_inprocess("main.py", "--config", t.write("ref.yaml", output_dir=str(t.tmp / "ref"), **SIGNAL_RUN))
+    return t.tmp / "ref" / "checkpoint-last.pth"
+
+
+def copy_run(trained, tmp_path):
+    """A copy of the shared trained run (3 epochs, batch 32, digits), to resume without touching it."""
+    shutil.copytree(trained.ckpt, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
 
 
 def read_log(folder):
@@ -29,6 +106,307 @@ def assert_same_weights(a: dict, b: dict, atol=0.0, rtol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=atol, rtol=rtol), (k, (a[k] - b[k]).abs().max().item())
+
+
+def test_existing_checkpoints_need_resume_or_overwrite_and_lr_pairs_come_from_one_run(trained, tmp_path):
+    import shutil
+    shutil.copytree(trained.ckpt, tmp_path / "ck")
+    cfg = trained.write("again.yaml", output_dir=str(tmp_path / "ck"))
+    before = snapshot(tmp_path / "ck")
+    line = error_line(run_inprocess("main.py", "--config", cfg, check=False))
+    assert "already holds checkpoints" in line and "--resume" in line and "--overwrite" in line
+    assert snapshot(tmp_path / "ck") == before
+    run_inprocess("main.py", "--config", cfg, "--overwrite", "--seed", "1")  # a new run, its own id
+    old, new = load_checkpoint(str(trained.ckpt / "checkpoint-0.pth")), load_checkpoint(str(tmp_path / "ck" / "checkpoint-last.pth"))
+    assert old.run_id and new.run_id and old.run_id != new.run_id
+    assert load_checkpoint(str(tmp_path / "ck" / "checkpoint-0.pth")).run_id == new.run_id
+    line = error_line(try_evaluate(trained, tmp_path / "lr", "--pretrained_ldm_ckpt_first", str(trained.ckpt / "checkpoint-0.pth"),
+                               "--pretrained_ldm_ckpt_end", str(tmp_path / "ck" / "checkpoint-last.pth"),
+                               script="test_LR.py"))
+    assert "different training runs" in line
+
+
+def test_a_training_step_reads_the_device_once(tiny, monkeypatch):
+    """Each read of a device value (item, tolist, bool, float) by our code is a wait for the GPU: one a
+    step, the loss and the stop flag together. (PyTorch's own reads are not counted: AdamW's step
+    counters live on the CPU; under AMP the grad scaler reads one flag.)"""
+    from engine.training import build_trainer
+    cfg = load_config(tiny.write(train={"batch_size": 16, "subset": 64}))
+    trainer = build_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")), features=torch.randn(64, 512))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(tuple(ROOT + os.sep + d for d in ("engine", "utils"))):
+                reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    stats = trainer.train_one_epoch(0)
+    monkeypatch.undo()
+    assert stats["steps"] == 4 and reads == ["tolist"] * 4
+
+
+def test_resume_takes_the_optimiser_settings_given_now(tiny):
+    cfg = load_config(tiny.write(train={"epochs": 1, "weight_decay": 0.02}))
+    train(cfg, CPU)
+    cfg.train.weight_decay, cfg.train.betas, cfg.train.epochs = 0.3, [0.5, 0.6], 2
+    trainer = build_trainer(cfg, CPU, resume=str(tiny.ckpt / "checkpoint-last.pth"))
+    group = trainer.optimizer.param_groups[0]
+    assert (group["weight_decay"], group["betas"]) == (0.3, (0.5, 0.6))
+    assert trainer.start_epoch == 1 and len(trainer.optimizer.state) > 0  # the moments came back
+
+
+def test_accumulation_trains_what_the_larger_batch_trains(tiny):
+    """Batch 8 x 2 accumulation steps is batch 16: the same samples per optimiser step, the same
+    noise, the same learning rates, to float rounding; and the trailing 8 images of 72 (which make
+    no whole batch of 16) are dropped by both. A split changed on resume continues the same run."""
+    settings = dict(train={"epochs": 2, "subset": 72, "batch_size": 16, "lr": 1e-3})
+    big = train(load_config(tiny.write(output_dir=str(tiny.tmp / "big"), **settings)), CPU)
+    split = load_config(tiny.write(output_dir=str(tiny.tmp / "split"), **settings))
+    split.train.batch_size, split.train.accum_iter = 8, 2
+    small = train(split, CPU)
+    assert big.ema.num_updates == small.ema.num_updates == 2 * 4  # 72 // 16 = 4 optimiser steps an epoch
+
+    def gap(a, b):  # the largest weight difference; AdamW turns rounding-level gradient differences into
+        return max((a.model.state_dict()[n] - w).abs().max().item() for n, w in b.model.state_dict().items())
+    # ~1e-5 here, as two ranks of batch 8 against one process of 16 (0.006 when the noise was drawn per micro-batch)
+    assert gap(small, big) < 5e-5
+    # a run of batch 16 resumed at 8 x 2 (the check compares 16 x 1 x 1 with 8 x 1 x 2: the same run)
+    cfg = load_config(tiny.write(output_dir=str(tiny.tmp / "resumed"), train={**settings["train"], "epochs": 1}))
+    train(cfg, CPU)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.accum_iter = 2, 8, 2
+    resumed = train(cfg, CPU, resume=str(tiny.tmp / "resumed" / "checkpoint-last.pth"))
+    assert gap(resumed, big) < 5e-5
+
+
+def test_a_resumed_run_keeps_its_id_and_lr_takes_the_pair(tiny):
+    cfg = tiny.write(train={"epochs": 2, "save_every": 5})
+    run_inprocess("main.py", "--config", cfg)
+    first_id = load_checkpoint(str(tiny.ckpt / "checkpoint-0.pth")).run_id
+    run_inprocess("main.py", "--config", cfg, "--epochs", "3", "--resume", str(tiny.ckpt / "checkpoint-last.pth"))
+    assert load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth")).run_id == first_id
+    assert load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth")).epoch == 2
+    run_inprocess("test_LR.py", "--pretrained_ldm_ckpt_first", str(tiny.ckpt / "checkpoint-0.pth"),
+                  "--pretrained_ldm_ckpt_end", str(tiny.ckpt / "checkpoint-last.pth"), "--pretrained_ldm_cfg", cfg,
+                  "--no_plots", "--output_dir", str(tiny.tmp / "lr"))
+    assert (tiny.tmp / "lr" / "results.json").is_file()
+
+
+def test_overwrite_starts_a_new_log(tiny):
+    cfg = tiny.write(train={"epochs": 3})
+    run_inprocess("main.py", "--config", cfg)
+    run_inprocess("main.py", "--config", cfg, "--epochs", "1", "--overwrite")
+    assert [json.loads(line)["epoch"] for line in open(tiny.ckpt / "log.txt")] == [0]
+
+
+@pytest.mark.parametrize("overhead,write_s,since_s,due", [
+    (0.1, 1.0, 9.0, False), (0.1, 1.0, 10.0, True), (0.5, 2.0, 3.0, False), (0.5, 2.0, 4.0, True),
+    (0.0, 0.5, 100.0, False), (1.0, 5.0, 0.0, True)])
+def test_the_checkpoint_refresh_follows_its_overhead_budget(overhead, write_s, since_s, due):
+    from engine.training import SaveClock
+    now = [0.0]
+    clock = SaveClock(overhead, clock=lambda: now[0])
+    with clock.timed():
+        now[0] += write_s
+    now[0] += since_s
+    assert clock.refresh_due() is due  # refreshed while the last write cost at most overhead x the time since
+
+
+def test_training_reads_the_train_split(tiny_shared):
+    # noise: sets draw other images for train and test, so the two splits can be told apart.
+    trainer, cfg = tiny_trainer(tiny_shared, train={"dataset": "noise:uniform:64", "subset": None})
+    extractor = trainer.extractor
+    for split, same in (("train", True), ("test", False)):
+        ds = build_dataset("noise:uniform:64", split, cfg.data_path, 32)
+        with torch.no_grad():
+            z = standardize(extractor(extractor.normalize(torch.stack([ds[i] for i in range(len(ds))]))),
+                            extractor.indices)
+        assert torch.allclose(trainer.cached, z, atol=1e-4) == same, split
+
+
+def test_training_flags_reach_the_trainer(tiny_shared):
+    args = ["--config", tiny_shared.write(), "--lr", "0.003", "--weight_decay", "0.07", "--batch_size", "16",
+            "--subset", "128", "--seed", "4", "--accum_iter", "2", "--warmup_epochs", "1", "--min_lr", "1e-5",
+            "--cosine_lr", "--epochs", "5", "--opt", "train.ema_decay=0.5", "--opt", "train.betas=[0.8,0.9]",
+            "--opt", "lfdn.dropout=0.25", "--opt", "lfdn.num_res_blocks=3"]
+    import importlib
+    main = importlib.import_module("main")
+    parsed = main.parse_args(args)
+    cfg = resolve_config(parsed.config, vars(parsed), main.TRAIN_FLAGS)
+    cfg.train.cosine_lr = parsed.cosine_lr
+    trainer = build_trainer(cfg, CPU)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (0.003, 0.07, (0.8, 0.9))
+    assert trainer.ema.decay == 0.5 and len(trainer.model.res_blocks) == 3
+    assert trainer.model.res_blocks[0].out_layers[2].p == 0.25
+    assert trainer.num_samples == 128 and trainer.steps_per_epoch() == 8
+    assert (cfg.train.accum_iter, cfg.train.warmup_epochs, cfg.train.min_lr, cfg.train.cosine_lr,
+            cfg.train.epochs, cfg.train.seed) == (2, 1, 1e-5, True, 5, 4)
+
+
+def test_blr_scales_with_the_total_batch_by_hand(tiny_shared):
+    cfg = load_config(tiny_shared.write(train={"lr": None, "blr": 1e-3, "batch_size": 32, "accum_iter": 3}))
+    assert base_lr(cfg, 1) == pytest.approx(1e-3 * 32 * 3 / 256)
+    assert base_lr(cfg, 4) == pytest.approx(1e-3 * 32 * 3 * 4 / 256)
+    trainer = build_trainer(cfg, CPU)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 32 * 3 / 256)
+
+
+def test_ema_decay_is_recomputed_by_hand_over_an_epoch(tiny_shared):
+    # 16 updates: from the 9th on the configured 0.5 is below the warm-up value (1 + n) / (10 + n), so a
+    # decay fixed at 0.9999 (or the warm-up alone) gives other weights than the configured one.
+    trainer, _ = tiny_trainer(tiny_shared, train={"ema_decay": 0.5, "lr": 1e-2, "batch_size": 16})
+    seen = [{k: v.clone() for k, v in trainer.model.state_dict().items()}]
+    original = trainer.ema.update
+
+    def recording(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        original(model)
+
+    trainer.ema.update = recording
+    trainer.train_one_epoch(0)
+    ema = dict(seen[0])
+    for n, weights in enumerate(seen[1:], start=1):
+        d = min(0.5, (1 + n) / (10 + n))
+        ema = {k: ema[k] - (1 - d) * (ema[k] - weights[k]) for k in ema}
+    assert len(seen) == 17  # 16 optimizer steps; the decay is 0.5 from the 9th on
+    for k, v in trainer.ema.module.state_dict().items():
+        assert torch.allclose(v, ema[k], atol=1e-6), k
+
+
+def test_data_order_changes_every_epoch_and_timesteps_cover_0_to_T_minus_1(tiny_shared):
+    trainer, _ = tiny_trainer(tiny_shared)
+    first = [b.clone() for b in trainer.batches(0)]
+    assert all(torch.equal(a, b) for a, b in zip(first, trainer.batches(0)))  # the same epoch: the same order
+    assert not torch.equal(first[0], next(iter(trainer.batches(1))))
+    drawn = []
+    original = trainer.diffusion.training_loss
+
+    def recording(model, x0, t, noise):
+        drawn.append(t.clone())
+        return original(model, x0, t, noise)
+
+    trainer.diffusion.training_loss = recording
+    for epoch in range(3):
+        trainer.train_one_epoch(epoch)
+    t = torch.cat(drawn)
+    assert t.min() == 0 and t.max() == 99 and len(t.unique()) > 90
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_stop_inside_an_epoch_saves_and_the_resumed_run_equals_an_uninterrupted_one(tiny, monkeypatch, accum):
+    settings = dict(train={"epochs": 3, "save_every": 5, "accum_iter": accum, "cosine_lr": True, "warmup_epochs": 1},
+                    lfdn={"dropout": 0.1})
+    full = load_config(tiny.write(output_dir=str(tiny.tmp / "full"), **settings))
+    train(full, CPU)
+    cfg = load_config(tiny.write(output_dir=str(tiny.tmp / "stopped"), **settings))
+    original = Trainer.train_one_epoch
+
+    def stop_in_epoch_1(self, epoch, start_step=0, loss_sum=0.0, stop=None):
+        return original(self, epoch, start_step, loss_sum, StopAfter(2) if epoch == 1 else stop)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", stop_in_epoch_1)
+    with pytest.raises(Preempted, match=r"received: .*checkpoint-last.pth holds epoch 1 up to step \d of 8; "
+                                        r"continue the run with the same command and --resume"):
+        train(cfg, CPU)
+    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    last = load_checkpoint(str(tiny.tmp / "stopped" / "checkpoint-last.pth"))
+    # true at the 3rd look (step 2): with accumulation over 2 steps, the stop waits for the optimiser step
+    assert (last.epoch, last.in_progress["step"]) == (1, 3 if accum == 1 else 4)
+    train(cfg, CPU, resume=str(tiny.tmp / "stopped" / "checkpoint-last.pth"))
+    assert_equal_weights(weights(tiny.tmp / "stopped" / "checkpoint-last.pth"),
+                         weights(tiny.tmp / "full" / "checkpoint-last.pth"))
+    logged = [json.loads(line) for line in open(tiny.tmp / "stopped" / "log.txt")]
+    reference = [json.loads(line) for line in open(tiny.tmp / "full" / "log.txt")]
+    assert [r["epoch"] for r in logged] == [0, 1, 2]
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
+
+
+def test_log_lines_of_epochs_to_be_rerun_are_dropped(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("".join(json.dumps({"epoch": e, "loss": 1.0}) + "\n" for e in range(5)) + "not json\n")
+    keep_log_before(str(log), 2)
+    assert [line for line in log.read_text().splitlines()] == [json.dumps({"epoch": 0, "loss": 1.0}),
+                                                               json.dumps({"epoch": 1, "loss": 1.0}), "not json"]
+
+
+def test_checkpoint_last_is_refreshed_after_every_epoch_when_saving_is_cheap(tiny):
+    cfg = load_config(tiny.write(train={"epochs": 4, "save_every": 10, "save_overhead": 1.0}))
+    train(cfg, CPU)
+    saved = [json.loads(line)["saved"] for line in open(tiny.ckpt / "log.txt")]
+    assert saved == [["checkpoint-0.pth", "checkpoint-last.pth"]] + [["checkpoint-last.pth"]] * 3
+    cfg = load_config(tiny.write(output_dir=str(tiny.tmp / "never"),
+                                 train={"epochs": 4, "save_every": 10, "save_overhead": 0.0}))
+    train(cfg, CPU)
+    saved = [json.loads(line)["saved"] for line in open(tiny.tmp / "never" / "log.txt")]
+    assert saved == [["checkpoint-0.pth", "checkpoint-last.pth"], [], [], ["checkpoint-last.pth"]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, uninterrupted, sig):
+    config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), **SIGNAL_RUN)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "main.py", "--config", config], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tiny.tmp / "run" / "log.txt"
+    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith(f"stopped: {sig.name} received: ") and "--resume" in last_line
+    stopped = load_checkpoint(str(tiny.tmp / "run" / "checkpoint-last.pth"))
+    assert stopped.epoch >= 1
+    run_inprocess("main.py", "--config", config, "--resume", str(tiny.tmp / "run" / "checkpoint-last.pth"))
+    assert_equal_weights(weights(tiny.tmp / "run" / "checkpoint-last.pth"), weights(uninterrupted))
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == list(range(6))
+
+
+def test_a_new_run_from_the_weights_is_the_documented_way_to_change_them(trained, tmp_path):
+    ck = str(trained.ckpt / "checkpoint-last.pth")
+    run_inprocess("main.py", "--config", trained.config, "--pre_ckpt_path", ck, "--batch_size", "64", "--epochs", "1",
+                  "--output_dir", str(tmp_path / "new"))
+    assert load_checkpoint(str(tmp_path / "new" / "checkpoint-last.pth")).run_id != load_checkpoint(ck).run_id
+    assert "--pre_ckpt_path" in open(os.path.join(ROOT, "docs", "OPERATIONS.md")).read()
+
+
+def test_resuming_a_complete_run_says_so_and_leaves_the_folder_as_it_was(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for epochs in ("3", "2"):
+        proc = run_inprocess("main.py", "--config", trained.config, "--resume", str(run / "checkpoint-last.pth"),
+                             "--epochs", epochs, "--output_dir", str(run))
+        assert proc.returncode == 0
+        line = [x for x in proc.stderr.splitlines() if "complete" in x]
+        assert len(line) == 1 and "holds epoch 2 of a run of 3 epoch(s)" in line[0]
+        assert ("asks for fewer" in line[0]) == (epochs == "2")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # config.yaml too
+
+
+def test_a_continued_run_that_trains_more_epochs_is_still_allowed(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    run_inprocess("main.py", "--config", trained.config, "--resume", str(run / "checkpoint-last.pth"), "--epochs", "4",
+                  "--output_dir", str(run))
+    ck = load_checkpoint(str(run / "checkpoint-last.pth"))
+    assert ck.epoch == 3 and ck.config["train"]["epochs"] == 4 and ck.world_size == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 4  # agrees with the checkpoint
+
+
+def test_sigusr1_during_feature_extraction_is_caught_and_saves_after_the_first_step(tiny, monkeypatch):
+    import engine.extraction as features
+    original = features.extract_features
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=USR1@... during the extraction
+        return original(*args, **kwargs)
+    monkeypatch.setattr(features, "extract_features", signalled)
+    proc = run_inprocess("main.py", "--config", tiny.write(), check=False)
+    assert proc.returncode == 143 and "stopped: SIGUSR1 received" in last(proc)
+    ck = load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth"))
+    assert ck.epoch == 0 and ck.in_progress["step"] == 1
+    assert any("-train-" in n for n in os.listdir(tiny.tmp / "cache"))  # the extraction was kept
 
 
 def test_main_writes_checkpoints_log_and_config(tiny):
@@ -86,25 +464,6 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tiny, monkeypatch):
     assert_same_weights(full.ema.module.state_dict(), resumed.ema.module.state_dict())
     assert full.ema.num_updates == resumed.ema.num_updates
     assert [r["loss"] for r in read_log(tiny.tmp / "full")] == [r["loss"] for r in read_log(tiny.tmp / "killed")]
-
-
-def test_feature_cache_is_keyed_by_backbone_weights(tiny, tmp_path):
-    ds = build_dataset("noise:uniform:40", "train", str(tmp_path), 32)
-    a = MultiLayerFeatures("efficientnet-lite0")
-    sd = {k: v.clone() for k, v in a.backbone.state_dict().items()}
-    sd["_conv_stem.weight"] *= 1.5
-    b = MultiLayerFeatures("efficientnet-lite0", state_dict=sd)
-    cfg = load_config(tiny.write(cache_dir=str(tmp_path / "cache"), extract_batch_size=16))
-    fa = features_for(cfg, CPU, a, ds, "train")
-    fb = features_for(cfg, CPU, b, ds, "train")
-    again = features_for(cfg, CPU, a, ds, "train")
-    assert not fa.from_cache and not fb.from_cache and again.from_cache
-    assert len(os.listdir(tmp_path / "cache")) == 2
-    assert torch.equal(again.z, fa.z) and torch.equal(again.keys, fa.keys) and not torch.allclose(fa.z, fb.z)
-    assert torch.equal(fa.keys, fb.keys) and len(set(fa.keys.tolist())) == 40  # keys follow the images only
-    cfg.backbone.input_size = 48
-    other_size = features_for(cfg, CPU, a, build_dataset("noise:uniform:40", "train", str(tmp_path), 48), "train")
-    assert not other_size.from_cache
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny):

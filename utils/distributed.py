@@ -1,7 +1,9 @@
-"""The one place that sets up and tears down torch.distributed.
+"""The one place that sets up and tears down torch.distributed, and through which every collective goes.
 
 ``python script.py`` runs as a single process with no environment variables; under
-``torchrun --nproc_per_node=N`` the same code runs N ranks (NCCL on GPUs, gloo on CPU).
+``torchrun --nproc_per_node=N`` (or the Slurm launcher, submitit_train.py, which sets the same
+variables) the same code runs N ranks (NCCL on GPUs, gloo on CPU). A launched run is distributed
+whatever its size: one rank under torchrun still forms a process group and issues every collective.
 """
 import os
 import secrets
@@ -24,6 +26,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     local_world_size: int = 1  # processes of this run on this node (torchrun's LOCAL_WORLD_SIZE)
+    launched: bool = False      # a process group exists (torchrun or the Slurm launcher), even of one rank
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +34,7 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.launched or self.world_size > 1
 
     @property
     def cuda(self) -> bool:
@@ -51,6 +54,13 @@ def resolve_device(pref: str, local_rank: int = 0, world_size: int = 1) -> torch
             raise UserError(f"device {pref!r} names one GPU, but torchrun starts {world_size} processes and each "
                             f"takes the GPU of its local rank; use --device cuda (choose the GPUs with "
                             f"CUDA_VISIBLE_DEVICES)")
+        visible = torch.cuda.device_count()
+        index = int(pref.split(":")[1]) if ":" in pref else local_rank
+        if index >= visible:
+            who = f"device {pref!r}" if ":" in pref else f"local rank {local_rank}"
+            raise UserError(f"{who} needs GPU {index}, but this node shows {visible} GPU(s) "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                            f"{visible} process(es) per node (--nproc_per_node / --gpus_per_node)")
         return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
     return torch.device("cpu")
 
@@ -61,42 +71,48 @@ def use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun, submitit_train.py) started this process as a rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 (or the one process): the one that logs and writes."""
+    return not launched() or os.environ["RANK"] == "0"
+
+
 @contextmanager
 def distributed_context(device_pref: str = "auto"):
-    """Yield a DistContext; under torchrun, init the process group and always destroy it on exit."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or "RANK" not in os.environ:
+    """Yield a DistContext; when launched as a rank, init the process group (even of one rank) and
+    always destroy it on exit."""
+    if not launched():
         device = resolve_device(device_pref)
         use_device(device)
         yield DistContext(0, 1, 0, device)
         return
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local_rank, world)
     use_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":  # NCCL binds its communicator to this GPU at once
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     try:
-        yield DistContext(rank, world, local_rank, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        yield DistContext(rank, world, local_rank, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)), True)
     finally:
         dist.destroy_process_group()
 
 
 # Every collective of the project goes through ``_collective``: each tensor is handed over on the
-# context's device (NCCL takes CUDA tensors only; gloo the CPU ones), and where DLSR_COLLECTIVE_LOG
-# names a file stem, each rank appends what it issued to STEM.rank<r>, so that tests can check that
-# every rank issues the same sequence (a mismatch hangs, or under NCCL silently mixes buffers).
-COLLECTIVE_LOG_ENV = "DLSR_COLLECTIVE_LOG"
+# context's device (NCCL takes CUDA tensors only; gloo the CPU ones), so that a tensor left on
+# another device is a clear error here, not a crash (or silently mixed buffers) inside NCCL.
 
 
 def _collective(ctx: DistContext, op: str, *tensors: torch.Tensor, src: int = 0) -> None:
     for t in tensors:
         if t.device != ctx.device:
             raise RuntimeError(f"{op}: a tensor on {t.device} handed to a collective of a run on {ctx.device}")
-    stem = os.environ.get(COLLECTIVE_LOG_ENV)
-    if stem:
-        t = tensors[0] if tensors else None
-        with open(f"{stem}.rank{ctx.rank}", "a") as f:
-            f.write(f"{op} {tuple(t.shape) if t is not None else ()} {t.dtype if t is not None else ''}"
-                    f"{f' src {src}' if op == 'broadcast' else ''}\n")
     if op == "barrier":
         dist.barrier()
     elif op == "all_reduce":

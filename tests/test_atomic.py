@@ -1,0 +1,57 @@
+"""store/atomic.py: writes that happen whole or not at all (temporaries, stale ones of dead processes, Ctrl-C during a save)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from store.atomic import atomic_torch_save
+from store.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+)
+from tests.helpers import run_inprocess
+
+
+def test_a_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "c.pth")
+    save_checkpoint({"model": {"a": torch.ones(1)}}, path)
+    before = open(path, "rb").read()
+    with pytest.raises(Exception):
+        save_checkpoint({"model": {"a": lambda: 0}}, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.pth"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    path = tmp_path / "checkpoint-last.pth"
+    stale = tmp_path / f"checkpoint-last.pth.tmp-{host}-{dead.pid}"
+    legacy = tmp_path / f"checkpoint-last.pth.tmp-{dead.pid}"
+    alive = tmp_path / f"checkpoint-last.pth.tmp-{host}-{os.getppid()}"
+    other_host = tmp_path / f"checkpoint-last.pth.tmp-elsewhere-{dead.pid}"
+    for f in (stale, legacy, alive, other_host):
+        f.write_bytes(b"partial")
+    atomic_torch_save({"a": 1}, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, alive.name, other_host.name])
+
+
+def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_exits_130(trained, tmp_path, monkeypatch):
+    import store.atomic
+    original = store.atomic.torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives while the checkpoint is being written
+        return original(obj, f)
+
+    monkeypatch.setattr(store.atomic.torch, "save", interrupted_save)
+    cfg = trained.write("ctrlc.yaml", output_dir=str(tmp_path / "run"))
+    proc = run_inprocess("main.py", "--config", cfg, check=False)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint-0.pth")).epoch == 0
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]

@@ -1,0 +1,108 @@
+"""store/report.py: the results tables (means, groups, missing sets) and folders replaced whole."""
+import csv
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from errors import UserError
+from store.report import summary_rows
+from store.rundir import check_writable, replace_folder
+from tests.helpers import error_line, run_inprocess, snapshot, try_evaluate
+
+
+def test_group_means_by_hand():
+    rows = {"a": {"AUROC": 0.6, "FPR95": 0.9, "AUPR_In": 0.5, "AUPR_Out": 0.4},
+            "b": {"AUROC": 1.0, "FPR95": 0.0, "AUPR_In": 1.0, "AUPR_Out": 1.0},
+            "c": {"AUROC": 0.8, "FPR95": 0.2, "AUPR_In": 0.7, "AUPR_Out": 0.6},
+            "d": None}
+    got = dict(summary_rows(rows, {"a": "near", "b": "far", "c": "far", "d": "other"}))
+    assert list(got) == ["near mean", "far mean", "mean"]
+    assert got["near mean"]["AUROC"] == pytest.approx(0.6)
+    assert got["far mean"]["AUROC"] == pytest.approx(0.9) and got["far mean"]["FPR95"] == pytest.approx(0.1)
+    assert got["mean"] is None  # d is missing: no mean over the other three is shown as the benchmark's
+    complete = {k: v for k, v in rows.items() if v is not None}
+    assert dict(summary_rows(complete, {}))["mean"]["AUROC"] == pytest.approx(0.8)
+    assert list(dict(summary_rows(rows, {}))) == ["mean"]
+    got = dict(summary_rows(rows, {"a": "near", "b": "far", "c": "far", "d": "far"}))
+    assert got["near mean"]["AUROC"] == pytest.approx(0.6) and got["far mean"] is None  # far lacks d
+
+
+def test_a_failed_write_leaves_the_previous_results_whole(trained, tmp_path, monkeypatch):
+    out = tmp_path / "res"
+    try_evaluate(trained, out, check=True)
+    before = snapshot(out)
+    saves = []
+    original = np.save
+
+    def disk_fills_up(*args, **kwargs):
+        saves.append(1)
+        if len(saves) > 1:  # the second score file hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_fills_up)
+    line = error_line(try_evaluate(trained, out, "--seed", "1"))
+    assert "no space left on device" in line and str(out) in line
+    assert snapshot(out) == before  # seed 0's results, all of them, and nothing of seed 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".res.lock", "res"]  # no staging folder left
+
+
+def test_output_problems_are_reported_before_any_work(trained, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    line = error_line(try_evaluate(trained, tmp_path / "file"))
+    assert "is a file" in line
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    assert "not evaluation results (thesis.tex)" in error_line(try_evaluate(trained, tmp_path / "mine"))
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"
+    cache = tmp_path / "cache-file"
+    cache.write_text("x")
+    assert "is a file" in error_line(try_evaluate(trained, tmp_path / "o", "--cache_dir", str(cache)))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=r"cannot write to output folder '.*': no space left on device"):
+        check_writable(str(tmp_path / "x"), "output folder")
+    cfg = trained.write("full.yaml", output_dir=str(tmp_path / "full"))
+    assert "no space left on device" in error_line(run_inprocess("main.py", "--config", cfg, check=False))
+
+
+def test_a_failure_while_swapping_results_in_leaves_the_old_results(tmp_path, monkeypatch):
+    old, new = tmp_path / "results", tmp_path / "staging"
+    old.mkdir()
+    (old / "results.md").write_text("old")
+    new.mkdir()
+    (new / "results.md").write_text("new")
+    real = os.rename
+
+    def failing(src, dst):
+        if str(src) == str(new):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError):
+        replace_folder(str(new), str(old))
+    monkeypatch.setattr(os, "rename", real)
+    assert (old / "results.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "staging"]
+    replace_folder(str(new), str(old))
+    assert (old / "results.md").read_text() == "new" and not new.exists()
+
+
+def test_near_and_far_rows_of_results_csv(trained, tmp_path):
+    out = tmp_path / "res"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+                  "--pretrained_ldm_cfg", trained.config, "--ood", "gauss=noise:gaussian:200",
+                  "--ood", "photos=photos:200", "--ood", "digits2=digits@0-4", "--group", "digits2=near",
+                  "--group", "gauss=far", "--group", "photos=far", "--no_plots", "--output_dir", str(out))
+    rows = {(r["score"], r["ood_set"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    for score in ("MFsim", "MSE"):
+        per = {n: float(rows[(score, n)]["AUROC"]) for n in ("gauss", "photos", "digits2")}
+        assert float(rows[(score, "near mean")]["AUROC"]) == pytest.approx(per["digits2"])
+        assert float(rows[(score, "far mean")]["AUROC"]) == pytest.approx((per["gauss"] + per["photos"]) / 2)
+        assert float(rows[(score, "mean")]["AUROC"]) == pytest.approx(sum(per.values()) / 3)

@@ -1,0 +1,78 @@
+"""Two ranks under torchrun (gloo) with every collective recorded (tests/record_collectives): the
+ranks issue the same sequence and equal one process."""
+import csv
+
+import numpy as np
+import pytest
+
+from tests.helpers import Tiny, run_inprocess, run_recorded, run_script, save_digits
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    t = Tiny(tmp_path_factory.mktemp("ranked"))
+    # Training from images on two ranks (no cache): each step's one all-reduce, saves and barriers.
+    t.config = t.write(train={"epochs": 2, "subset": 96, "batch_size": 16, "cache_features": False},
+                       eval={"ood": {"few": "noise:gaussian:20"}, "batch_size": 64})
+    seq = run_recorded(t.tmp, "train", "main.py", "--config", t.config)
+    # 3 steps an epoch (96 / (16 x 2)) of one all-reduce each, and the output folder check (ranks_holding)
+    assert seq.count("all_reduce (2,) torch.float32") == 2 * 3 + 1
+    # From cached features (extracted by both ranks together: the keys and features gathered).
+    seq = run_recorded(t.tmp, "train-cached", "main.py", "--config", t.config, "--epochs", "1", "--output_dir",
+                       str(t.tmp / "cached"), "--opt", "train.cache_features=true")
+    assert sum(line.startswith("all_gather") for line in seq) == 2
+    return t
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_two_rank_evaluation_with_layer_norm_and_draws_equals_one_process(ranked, warm):
+    """20 OOD images in batches of 64: rank 1 gets no reconstruction batch; the layer statistics
+    need the training features (a collective cache decision) all the same."""
+    t = ranked
+    ckpt = str(t.ckpt / "checkpoint-last.pth")
+    common = ["--pretrained_ldm_ckpt", ckpt, "--pretrained_ldm_cfg", t.config, "--layer_norm", "--noise_draws", "2",
+              "--no_plots", "--baselines", "knn", "--cache_dir", str(t.tmp / ("warm" if warm else "cold"))]
+    if warm:
+        run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / "warm-fill"))
+    seq = run_recorded(t.tmp, f"eval-{warm}", "test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e2-{warm}"))
+    assert any(line.startswith("all_gather") for line in seq) != warm  # extraction only when cold
+    run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e1-{warm}"))
+    for name in ("ID", "few"):
+        one = np.load(t.tmp / f"e1-{warm}" / "scores" / f"{name}.npy")
+        two = np.load(t.tmp / f"e2-{warm}" / "scores" / f"{name}.npy")
+        assert one.dtype.names == two.dtype.names and "kNN_k1" in one.dtype.names
+        for field in one.dtype.names:
+            assert np.allclose(one[field], two[field], rtol=1e-4, atol=1e-4), (name, field)  # threads round apart
+
+
+def test_two_rank_predict_with_layer_norm_on_three_files_finishes_and_equals_one_process(ranked, tmp_path):
+    """The review's hang: 3 files in chunks of 64, so rank 1 scores none; calibration included."""
+
+    t = ranked
+    save_digits(tmp_path / "img", [1, 2, 3])
+    common = ["--checkpoint", str(t.ckpt / "checkpoint-last.pth"), "--images", str(tmp_path / "img"),
+              "--layer_norm", "--noise_draws", "2", "--calibration", "digits@0"]
+    run_recorded(tmp_path, "predict", "predict.py", *common, "--output", str(tmp_path / "two.csv"),
+                 "--cache_dir", str(tmp_path / "c2"))
+    run_inprocess("predict.py", *common, "--output", str(tmp_path / "one.csv"), "--cache_dir", str(tmp_path / "c1"))
+    rows = [list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("one", "two")]
+    assert [r["path"] for r in rows[0]] == [r["path"] for r in rows[1]] and len(rows[0]) == 3
+    for a, b in zip(*rows):
+        assert np.isclose(float(a["MFsim"]), float(b["MFsim"]), rtol=1e-4, atol=1e-4) and a["is_ood"] == b["is_ood"]
+
+
+def test_predict_on_two_ranks_over_several_chunks_equals_one_process(trained, tmp_path):
+    folder = tmp_path / "img"
+    save_digits(folder, range(37))
+    ckpt = str(trained.ckpt / "checkpoint-last.pth")
+    sizes = ["--batch_size", "8", "--opt", "extract_batch_size=8"]  # 5 chunks of 8: rank 0 takes 3, rank 1 two
+    run_script("predict.py", "--checkpoint", ckpt, "--images", str(folder), "--output", str(tmp_path / "two.csv"),
+               *sizes, "--cache_dir", str(tmp_path / "c"), torchrun=2)
+    run_inprocess("predict.py", "--checkpoint", ckpt, "--images", str(folder), "--output", str(tmp_path / "one.csv"),
+                  *sizes, "--cache_dir", str(tmp_path / "c"))
+    one, two = (list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("one", "two"))
+    assert [r["path"] for r in two] == [r["path"] for r in one] == sorted(r["path"] for r in one)
+    for a, b in zip(one, two):
+        assert np.isclose(float(a["MFsim"]), float(b["MFsim"]), rtol=1e-4, atol=1e-5), a["path"]
+        assert np.isclose(float(a["MSE"]), float(b["MSE"]), rtol=1e-4), a["path"]
+    assert len({r["MFsim"] for r in two}) > 30  # each row its own scores, not a neighbour's

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import yaml
 
+from datasets import known_specs
 from errors import Preempted, UserError, one_line
 from experiment.config import (CHOICES, DEFAULT_CONFIG, Config, choices, config_from_dict, field_of, field_type,
                                load_config, non_null, override, parse_value, value_at)
@@ -30,6 +31,7 @@ SCORE_FLAGS = ("diffusion.subset_timesteps_num", "diffusion.eta", "diffusion.ind
 TRAIN_FLAGS = ("train.dataset", "train.subset", "train.batch_size", "train.epochs", "train.accum_iter", "train.lr",
                "train.blr", "train.min_lr", "train.cosine_lr", "train.warmup_epochs", "train.weight_decay",
                "train.seed", "train.save_every", "output_dir", "log_dir", "train.cache_features")
+SPEC_KEYS = ("train.dataset", "eval.dataset", "eval.ood")  # flags whose values are data set specs
 EVAL_FLAGS = ("eval.dataset", "eval.ood", "eval.groups", "eval.similarity_type", "eval.fpr95", "eval.baselines",
               "eval.knn_k")
 
@@ -56,6 +58,8 @@ def add_config_flags(p: argparse.ArgumentParser, keys: Sequence[str]) -> None:
             kw.update(metavar=meta["metavar"] or "LIST")
         else:
             kw.update(type=tp, metavar=meta["metavar"] or key.rsplit(".", 1)[-1].upper())
+        if key in SPEC_KEYS:  # the kinds of data set spec, from the registry
+            kw["help"] += f" (kinds: {', '.join(known_specs())})"
         if key in CHOICES:
             if origin in (dict, list):
                 kw["help"] += f" (each of {', '.join(choices(key))})"

@@ -1,8 +1,9 @@
 """The one exception type that the entry scripts turn into a one-line message and a non-zero exit.
 
-It sits below every package (models/, datasets/ and utils/ all raise it), so that imports point
-one way: entry scripts -> utils/ -> models/, datasets/ -> this module.
+It sits below every package (all of them raise it), so that imports point one way: entry scripts ->
+engine/ -> ... -> utils/ -> this module (docs/EXTENDING.md, "Layout").
 """
+import re
 
 
 class UserError(Exception):
@@ -18,11 +19,22 @@ class Preempted(UserError):
     exit_code = 143
 
 
+LONG_WORD = 200  # characters of one path or value in a message, beyond which its middle is left out
+
+
 def one_line(exc: BaseException) -> str:
-    """The user-facing line of an error, also when a DataLoader worker re-raised it with a traceback."""
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with a traceback;
+    a path or value longer than LONG_WORD characters is shortened in its middle, so the line stays
+    readable (a 100,000-character path would make a 100 KB line)."""
     text = str(exc).strip()
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
-        return (last.split(": ", 1)[1] if ": " in last else last) or exc.__class__.__name__
+        text = (last.split(": ", 1)[1] if ": " in last else last) or exc.__class__.__name__
     # A newline inside the message (a file name can hold one) is shown escaped, not as a line break.
-    return text.replace("\r", "\\r").replace("\n", "\\n") if text else exc.__class__.__name__
+    text = text.replace("\r", "\\r").replace("\n", "\\n") if text else exc.__class__.__name__
+    return re.sub(r"\S{%d,}" % (LONG_WORD + 1), _shortened, text)
+
+
+def _shortened(match) -> str:
+    word = match.group(0)
+    return f"{word[:80]}...({len(word) - 160} characters)...{word[-80:]}"

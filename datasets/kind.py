@@ -1,6 +1,6 @@
 """What a dataset kind is: the prefix of its spec strings, its builder, and how its specs are
-written (for messages and --help). datasets/registry.py lists the kinds; each lives in a module of
-its own (docs/EXTENDING.md)."""
+written (for messages and --help). Each kind lives in a module of its own that defines ``KIND`` (or
+``KINDS``); datasets/registry.py finds them (``utils.discovery``; docs/EXTENDING.md)."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,3 +17,4 @@ class Kind:
     build: Callable    # (arg, split, data_path, image_size, download) -> ImageSet; arg: the spec after ':'
     usage: str         # how its specs are written ("folder:PATH")
     splits: tuple = ("train", "test")
+

@@ -1,27 +1,23 @@
-"""Datasets by spec string, one registry for training and evaluation: ``KINDS`` lists every kind of
-spec (``cifar10``, ``folder:PATH``, ``openood:BENCH/SET``, ...), each built by a module of its own
-(docs/EXTENDING.md). Messages and --help list the kinds from here.
+"""Datasets by spec string, one registry for training and evaluation: ``KINDS`` holds every kind of
+spec (``cifar10``, ``folder:PATH``, ``openood:BENCH/SET``, ...), each built by a module of its own in
+this folder that defines ``KIND`` (or ``KINDS``): a new kind is one new module (docs/EXTENDING.md).
+Messages and --help list the kinds from here.
 
 ``SPEC@CLASSES`` keeps the images of some classes of a labelled set: indices and ranges
 (``fashion-mnist@0-4``, ``cifar10@0,1,8``) or class names (``folder:PATH@cat,dog``).
 """
+import os
 from typing import Dict, Tuple
 
 import numpy as np
 
-from datasets import folders, openood, synthetic, torchvision_sets
 from datasets.images import ImageSet, SubsetImages
 from datasets.kind import DatasetMissing, Kind
 from errors import UserError
+from utils.discovery import discover
 
-KINDS: Dict[str, Kind] = {k.name: k for k in (
-    *torchvision_sets.KINDS,
-    folders.KIND,
-    openood.KIND,
-    synthetic.DIGITS,
-    synthetic.PHOTOS,
-    synthetic.NOISE,
-)}
+KINDS: Dict[str, Kind] = {k.name: k for k in discover("datasets", [os.path.dirname(__file__)], ["KIND", "KINDS"],
+                                                      skip=["registry"])}
 SPLITS = ("train", "test", "val")  # val: the kinds that list it (OpenOOD's ID validation lists)
 
 

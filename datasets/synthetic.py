@@ -58,6 +58,8 @@ def noise(arg, split, data_path, size, download):
     return ArrayImages(f"noise:{kind}", a.astype(np.uint8), size)
 
 
-DIGITS = Kind("digits", digits, "digits")
-PHOTOS = Kind("photos", photos, "photos[:N]")
-NOISE = Kind("noise", noise, "noise:gaussian[:N]|noise:uniform[:N]")
+KINDS = (
+    Kind("digits", digits, "digits"),
+    Kind("photos", photos, "photos[:N]"),
+    Kind("noise", noise, "noise:gaussian[:N]|noise:uniform[:N]"),
+)

@@ -162,7 +162,7 @@ def test_each_config_flag_is_made_from_its_field():
 
 
 def test_help_shows_the_values_of_the_config_in_use(tiny, trained, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "400")  # one line per flag: paths are not wrapped at their hyphens
+    monkeypatch.setenv("COLUMNS", "2000")  # one line per flag: paths are not wrapped at their hyphens
     cfg = tiny.write(train={"batch_size": 17, "cosine_lr": True}, eval={"batch_size": 33, "fpr95": "ood_positive"})
     text = run_inprocess("main.py", "--help", "--config", cfg).stdout
     assert help_line(text, "--batch_size").endswith(f"[{cfg}: 17]")

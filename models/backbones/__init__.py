@@ -8,27 +8,22 @@
 
 An adapter says how to build the network and load its weights, where its taps are (channels and
 strides), which state-dict keys those taps use, how to normalise its input, and its activation.
-``backbone(name)`` finds the adapter of a name; a new family is one file and one entry of
-``FAMILIES``.
+``backbone(name)`` finds the adapter of a name. A new family is one file in this folder that
+defines ``FAMILY``: the families are the modules here that define one (``discover``), so nothing
+else changes.
 """
 import functools
 from typing import List
 
 from errors import UserError
-from models.backbones import efficientnet, efficientnet_lite, resnet, timm_models
 from models.backbones.base import IMAGENET_MEAN, IMAGENET_STD, WEIGHT_SEARCH_DIRS, Backbone, Family, load_used
+from utils.discovery import discover
 
 __all__ = ["Backbone", "Family", "IMAGENET_MEAN", "IMAGENET_STD", "WEIGHT_SEARCH_DIRS", "backbone", "fixed_backbones",
            "known_names", "load_used"]
 
-# One entry per family; each family's own package (efficientnet_pytorch, timm, ...) is imported only
-# when one of its backbones is built.
-FAMILIES = (
-    efficientnet.FAMILY,
-    efficientnet_lite.FAMILY,
-    resnet.FAMILY,
-    timm_models.FAMILY,
-)
+# Each family's own package (efficientnet_pytorch, timm, ...) is imported only when one of its backbones is built.
+FAMILIES = tuple(discover(__name__, __path__, ["FAMILY"], skip=["base"]))
 
 
 def known_names() -> List[str]:

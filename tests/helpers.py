@@ -62,7 +62,7 @@ def run_script(script: str, *args: str, torchrun: int = 0, check: bool = True, t
     one = torchrun or os.environ.get("PYTEST_XDIST_WORKER")  # one thread per process where processes share the cores
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads or (1 if one else 2)), **(env or {})}
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+        cmd = [sys.executable, "-m", "tools.torchrun", "--standalone", f"--nproc_per_node={torchrun}",
                script, *args]
     else:
         cmd = [sys.executable, script, *args]
@@ -84,7 +84,7 @@ def run_two_nodes(script: str, node_args, timeout: int = 300):
     ``node_args[i]`` (so each node can have its own cache folder, as with per-node disks)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+    procs = [subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--nnodes=2", f"--node_rank={i}",
                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                                script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i, args in enumerate(node_args)]
@@ -349,3 +349,12 @@ def scorer_for(cfg, ctx, paths: dict):
     from experiment.run import run_config
     from store.checkpoint import load_checkpoint
     return Scorer.from_checkpoints(run_config({role: load_checkpoint(str(p)) for role, p in paths.items()}, cfg), ctx)
+
+
+def hold_lock(path):
+    """Another process holding the lock file ``path`` (as a second run would)."""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

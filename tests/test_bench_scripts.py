@@ -141,6 +141,7 @@ def test_choosing_k_on_the_validation_lists(oo, tmp_path):
     chosen = json.loads((out / "choose_k.json").read_text())
     aurocs = {int(k): v for k, v in chosen["validation_auroc"].items()}
     assert set(aurocs) == {1, 4} and chosen["chosen_k"] == max(aurocs, key=lambda k: (aurocs[k], -k))
+    assert chosen["id_validation"] == "openood:cifar10 (val)" and chosen["ood_validation"] == "openood:cifar10/val"
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["subset_timesteps_num"] == chosen["chosen_k"] and (out / "openood.csv").is_file()
     det = DLSRDetector.from_checkpoint(oo.ckpt_path, device="cpu")
@@ -175,3 +176,30 @@ def test_oneclass_keeps_a_result_only_for_the_same_config_content(tmp_path):
     key = oneclass.result_key(args, cfg)
     cfg.lfdn.model_channels += 1  # the file edited in place: same name, other content
     assert oneclass.result_key(args, cfg) != key
+
+
+def test_of_equal_validation_aurocs_the_smallest_k_wins():
+    import openood_k
+    assert openood_k.best_k({1: 0.9, 2: 0.95, 3: 0.95, 5: 0.94}) == 2
+    assert openood_k.best_k({10: 0.8, 3: 0.8, 5: 0.7}) == 3
+    assert openood_k.best_k({4: 0.5}) == 4
+
+
+def test_with_layer_norm_each_k_gets_its_own_statistics(oo):
+    """eval.layer_norm's statistics depend on k: the AUROC reported for k = 4 must be k = 4's, computed
+    afresh (the detector's), not the one of statistics made for the first k tried."""
+    import openood_k
+
+    from experiment.config import load_config
+    from experiment.run import run_config
+    from store.checkpoint import load_checkpoint
+    cfg = load_config(oo.config)
+    cfg.eval.layer_norm = True
+    run = run_config({"end": load_checkpoint(oo.ckpt_path)}, cfg)
+    aurocs = openood_k.validation_aurocs(run, [1, 4])
+    det = DLSRDetector.from_checkpoint(oo.ckpt_path, config=cfg, device="cpu")
+    det.cfg.diffusion.subset_timesteps_num = 4
+    sets = [build_dataset(s, split, str(oo.root), 32) for s, split in (("openood:cifar10", "val"),
+                                                                        ("openood:cifar10/val", "test"))]
+    scores = [det.predict(torch.stack([ds[i] for i in range(len(ds))])) for ds in sets]
+    assert ood_metrics(scores[0].numpy(), scores[1].numpy())["AUROC"] == pytest.approx(aurocs[4], abs=1e-6)

@@ -190,3 +190,81 @@ def test_a_repeated_k_is_refused_before_any_work(trained, tmp_path):
                          "--output_dir", str(tmp_path / "r"), "--baselines", "knn", "--knn_k", "1,1", check=False)
     assert proc.returncode == 2 and "eval.knn_k lists k = 1 more than once" in last(proc)
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ YAML as users write it (issue 35, 36)
+
+def test_merge_keys_work_and_repeated_keys_are_still_refused(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("defaults: &common\n  seed: 7\n  epochs: 9\n"
+                    "train:\n  <<: *common\n  dataset: digits\n  epochs: 4\n"
+                    "eval:\n  <<: {seed: 3}\n")
+    with pytest.raises(UserError, match="unknown key 'defaults'"):
+        load_config(str(path))  # merge keys read; the anchor's own key is still checked as a key
+    path.write_text("train: &common\n  seed: 7\n  epochs: 9\n  dataset: digits\n"
+                    "eval:\n  <<: {seed: 3}\n  dataset: digits\n")
+    cfg = load_config(str(path))
+    assert cfg.train.seed == 7 and cfg.eval.seed == 3 and cfg.eval.dataset == "digits"
+    over = tmp_path / "over.yaml"
+    over.write_text("train:\n  <<: [{seed: 7, epochs: 9}, {batch_size: 8}]\n  epochs: 4\n  dataset: digits\n")
+    cfg = load_config(str(over))
+    assert (cfg.train.seed, cfg.train.epochs, cfg.train.batch_size) == (7, 4, 8)  # a key it brings, set again
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  <<: {seed: 7}\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(UserError, match="the key 'epochs' appears twice in one mapping"):
+        load_config(str(twice))
+
+
+def test_a_key_repeated_in_a_flow_mapping_on_one_line_is_refused(tiny, tmp_path):
+    path = tmp_path / "flow.yaml"
+    path.write_text(open(tiny.write()).read() + "eval: {seed: 1, seed: 2}\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert "appears twice" in str(e.value)  # the 'eval' section twice, or 'seed' twice: never the last silently
+    path.write_text("train: {dataset: digits, epochs: 1, epochs: 2}\n")
+    with pytest.raises(UserError, match=r"the key 'epochs' appears twice in one mapping \(line 1, columns \d+ and \d+\)"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3E-5", 3e-5), ("1.0e-4", 1e-4), (".5e-3", 5e-4),
+                                        ("2e3", 2000.0), ("5", 5.0)])
+def test_numbers_are_read_as_yaml_1_2_and_every_user_writes_them(tiny, tmp_path, text, value):
+    path = tmp_path / "lr.yaml"
+    path.write_text(open(tiny.write()).read().replace("lr: 0.001", f"lr: {text}"))
+    assert load_config(str(path)).train.lr == value
+    cfg = load_config(tiny.write())
+    override(cfg, "train.lr", text)  # --opt train.lr=1e-4 reads it the same way
+    assert cfg.train.lr == value
+
+
+def test_a_yaml_error_names_its_cause_and_place_on_one_line(tmp_path):
+    tabs = tmp_path / "tabs.yaml"
+    tabs.write_text("train:\n\tepochs: 3\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(tabs))
+    line = str(e.value)
+    assert "line 2, column 1" in line and "'\\t'" in line and "indent with spaces" in line and "\n" not in line
+    tag = tmp_path / "tag.yaml"
+    tag.write_text("train:\n  epochs: !!python/object:os.system 3\n")
+    with pytest.raises(UserError, match=r"line 2, column 11: .*constructor for the tag 'tag:yaml.org,2002:python/object"):
+        load_config(str(tag))
+
+
+def test_a_preset_is_an_overlay_on_its_base(tmp_path, tiny):
+    base = tmp_path / "base.yaml"
+    base.write_text(open(tiny.write()).read())
+    (tmp_path / "sub").mkdir()
+    over = tmp_path / "sub" / "over.yaml"
+    over.write_text("base: ../base.yaml\ntrain:\n  epochs: 9\neval:\n  ood: {only: digits}\n")
+    cfg = load_config(str(over))
+    assert cfg.train.epochs == 9 and cfg.train.dataset == "digits"  # a section merges key by key
+    assert cfg.eval.ood == {"only": "digits"}  # a value (a mapping of sets) replaces whole
+    assert cfg.lfdn.model_channels == 64  # untouched sections come from the base
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="an overlay on itself"):
+        load_config(str(loop))
+    missing = tmp_path / "orphan.yaml"
+    missing.write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match=r"config file '.*nowhere.yaml' does not exist"):
+        load_config(str(missing))

@@ -94,3 +94,21 @@ def test_resolve_device_under_torchrun(monkeypatch):
     with distributed.distributed_context("cuda:1") as ctx:
         assert ctx.device == torch.device("cuda", 1)
     assert chosen == [torch.device("cuda", 1)]  # the current device follows, so kernels go there too
+
+
+def test_a_launched_run_binds_nccl_to_its_gpu_and_forms_a_group_even_of_one_rank(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with distributed.distributed_context("cuda") as ctx:
+        assert ctx.distributed and ctx.world_size == 1 and ctx.device == torch.device("cuda", 1)
+    assert calls == [("nccl", {"device_id": torch.device("cuda", 1)})]
+    monkeypatch.delenv("RANK")
+    with distributed.distributed_context("cpu") as ctx:
+        assert not ctx.distributed  # a plain process: no group

@@ -13,6 +13,7 @@ from PIL import Image
 
 from datasets import build_dataset, random_subset
 from engine.scorer import image_noise
+from errors import UserError
 from experiment.config import load_config
 from models.features import MultiLayerFeatures, standardize
 from models.lfdn import LFDN
@@ -282,3 +283,26 @@ def test_the_variant_flags_reach_the_evaluation_and_its_report(trained, tmp_path
     assert (meta["noise_draws"], meta["layer_norm"]) == (2, True)
     id_scores = np.load(tmp_path / "v" / "scores" / "ID.npy")["MFsim"]
     assert abs(id_scores.mean()) < 0.5  # standardised against the ID training vectors: centred near 0
+
+
+def test_ranks_agree_on_the_sets_a_node_lacks(monkeypatch, tmp_path):
+    """Each node's own data folder: a set missing on one node only is missing for every rank (with
+    --skip_missing; without, every rank stops), named with the node, so the ranks' collectives match."""
+    import engine.evaluation as evaluation
+    from experiment.config import Config
+    cfg = Config(data_path=str(tmp_path))
+    cfg.eval.dataset, cfg.eval.ood, cfg.eval.groups = "digits", {"here": "noise:gaussian:5", "there": "folder:x"}, {}
+    ctx = DistContext(0, 2, 0, torch.device("cpu"), launched=True)
+    # This is rank 0, which has "here" and lacks "there"; rank 1 (another node) lacks both.
+    def lacking(flag, ctx):  # the all-reduce over ranks, per set in the config's order
+        return next(order)
+    monkeypatch.setattr(evaluation, "ranks_holding", lacking)
+    monkeypatch.setattr(evaluation, "build_datasets", lambda specs, *a: (
+        {n: object() for n in specs if n != "there"}, {"there": "no folder at x"}))
+    order = iter([[], [1], [0, 1]])  # ID, here, there
+    id_set, found, missing = evaluation.find_sets(cfg, skip_missing=True, ctx=ctx)
+    assert set(missing) == {"here", "there"} and not found and id_set is not None
+    assert "missing on rank(s) 1" in missing["here"] and missing["there"] == "no folder at x"
+    order = iter([[], [1], [0, 1]])
+    with pytest.raises(UserError, match=r"2 set\(s\) missing.*here .*missing on rank\(s\) 1"):
+        evaluation.find_sets(cfg, skip_missing=False, ctx=ctx)

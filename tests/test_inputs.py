@@ -125,3 +125,64 @@ def test_loader_batches_with_one_hot_labels_or_indices_are_pairs(trained):
     assert torch.equal(d.predict([x, torch.arange(4), torch.arange(4)]), ref)
     gray = (x[:, 0] * 255).round().to(torch.uint8)  # (4, H, W): with labels, four images
     assert d.predict((gray, torch.arange(4))).shape == (4,)
+
+
+# ------------------------------------------------------------------ a list of images is a list (issue 35)
+
+def test_a_list_or_tuple_of_single_images_is_a_list_whatever_their_shapes(det):
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    gray = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)  # looks like 64 rows of labels
+    expected = det.predict([rgb, gray])
+    assert expected.shape == (2,)  # two images, two scores (64 before: the gray one was read as labels)
+    torch.testing.assert_close(expected, torch.cat([det.predict(rgb), det.predict(gray)]), rtol=1e-4, atol=1e-5)
+    assert torch.equal(det.predict((rgb, gray)), expected)
+    assert torch.equal(det.predict([torch.from_numpy(rgb).permute(2, 0, 1), gray]), expected)  # (C, H, W) too
+
+
+def test_one_pil_image_or_one_path_alone_is_one_image(det, tmp_path):
+    img = Image.fromarray(digits_uint8()[3])
+    img.save(tmp_path / "three.png")
+    expected = det.predict(digits_uint8()[3:4])
+    assert torch.equal(det.predict(img), expected)
+    assert torch.equal(det.predict(str(tmp_path / "three.png")), expected)
+    assert torch.equal(det.predict(tmp_path / "three.png"), expected)  # a pathlib.Path
+
+
+def test_a_dataloader_batch_is_its_first_item_when_that_is_a_batch(det):
+    x = torch.rand(5, 1, 8, 8)
+    expected = det.predict(x)
+    assert torch.equal(det.predict([x, torch.arange(5)]), expected)
+    assert torch.equal(det.predict((x, torch.eye(5)[:, :4], torch.arange(5))), expected)  # one-hot, indices
+    gray = torch.from_numpy(digits_uint8()[:3])  # (3, 8, 8) beside 1-D labels: three grayscale images
+    assert det.predict([gray, torch.tensor([0, 1, 2])]).shape == (3,)
+
+
+def test_what_can_be_read_two_ways_is_refused_naming_the_ways_out(det):
+    gray = digits_uint8()[:3]  # (3, 8, 8): one RGB image, or three grayscale ones?
+    with pytest.raises(ValueError, match=r"ambiguous images.*\(3, 1, H, W\).*its own list item"):
+        det.predict([gray, np.eye(3)])  # with (3, 3) beside it: one-hot labels, or a 3 x 3 image?
+    with pytest.raises(ValueError, match=r"read as a DataLoader batch .* item 1 \(shape \(4,\)\) is not one value or "
+                                         r"row per image; pass the batch alone"):
+        det.predict([torch.rand(5, 1, 8, 8), torch.arange(4)])
+
+
+def test_a_tensor_on_the_meta_device_is_a_value_error(det):
+    with pytest.raises(ValueError, match="meta device holds no values"):
+        det.predict(torch.empty(2, 3, 8, 8, device="meta"))
+
+
+@pytest.mark.parametrize("shape,count,layout", [((3, 8, 3), 1, "last"), ((4, 8, 4), 1, "last"), ((1, 8, 1), 1, "last"),
+                                                ((3, 8, 4), 1, "first"), ((2, 3, 8, 3), 2, "last"),
+                                                ((2, 3, 8, 4), 2, "first")])
+def test_where_both_axes_could_hold_the_channels_the_smaller_does_and_equal_ones_the_last(shape, count, layout):
+    """IMAGE_RULE's tie: (3, H, 3) is (H, W, C) with the last axis the channels, as (B, 3, H, 3) is."""
+    from dlsr.inputs import image_count
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    got = as_uint8_images(arr, 8)
+    assert len(got) == count == image_count(shape)
+    one = arr if len(shape) == 3 else arr[0]
+    hwc = one if layout == "last" else one.transpose(1, 2, 0)  # the channels last, by hand
+    pixels = hwc[..., 0] if hwc.shape[-1] == 1 else hwc[..., :3]  # gray (H, W) or RGB (H, W, 3)
+    mode = "L" if pixels.ndim == 2 else "RGB"
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(pixels), mode).resize((8, 8), Image.BILINEAR))
+    assert np.array_equal(got[0].numpy(), expected)

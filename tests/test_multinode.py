@@ -90,7 +90,7 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     def two_nodes(out, *extra, stop_after_lines=None):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
         port = free_port()
-        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+        procs = [subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--nnodes=2", f"--node_rank={i}",
                                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                                    "main.py", "--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
                                    str(out if i == 0 else t.tmp / f"{out.name}-node1"), *extra],

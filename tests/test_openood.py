@@ -91,6 +91,9 @@ def test_class_filters_and_the_val_split(oo):
     ("../outside.png 0\n", "line 1: '../outside.png' leaves the image folder"),
     ("\n\n", "test_cifar10.txt is empty"),
     ("FIRST zero\n", "line 1: expected 'relative/path label' with an integer label"),
+    ("cifar10/../../../x.png 0\n", "line 1: 'cifar10/../../../x.png' leaves the image folder"),  # inside the path
+    (" FIRST 0\n", "line 1: the line starts with whitespace"),
+    ("cifar10/test 0\n", "line 1: .*cifar10/test is a folder, not an image file"),
 ])
 def test_a_bad_list_is_refused_in_one_line_before_any_extraction(oo, tmp_path, lines, says):
     root = _broken_root(oo, tmp_path, "test_cifar10", lines.replace("FIRST", oo.lists["test_cifar10"][0][0]))
@@ -177,3 +180,54 @@ def test_the_ood_validation_list_is_found_by_its_names_newest_first(tmp_path):
         ood_val_name(str(mine), "mybench")
     with pytest.raises(MissingData, match="no OOD validation list for imagenet200 .* expected val_openimage_o.txt"):
         ood_val_name(str(tmp_path / "imagenet200"), "imagenet200")
+
+
+def test_a_list_with_a_byte_order_mark_reads_as_an_editor_reads_it(oo, tmp_path):
+    first = oo.lists["test_cifar10"][0]
+    root = _broken_root(oo, tmp_path, "test_cifar10", "")
+    (root / "benchmark_imglist" / "cifar10" / "test_cifar10.txt").write_bytes(
+        b"\xef\xbb\xbf" + f"{first[0]} {first[1]}\r\n".encode())
+    ds = build_dataset("openood:cifar10", "test", str(root), 32)
+    assert len(ds) == 1 and ds.files[0].endswith(first[0])
+
+
+def test_the_last_class_of_an_id_list_can_be_selected(oo):
+    """Labels 0..4 in the miniature's train list: @4 is its last class, not one past it."""
+    ds = build_dataset("openood:cifar10@4", "train", str(oo.root), 32)
+    assert len(ds) == sum(1 for _, label in oo.lists["train_cifar10"] if label == 4) > 0
+    with pytest.raises(UserError, match="unknown class '5'"):
+        build_dataset("openood:cifar10@5", "train", str(oo.root), 32)
+
+
+def test_a_class_filter_on_a_list_without_classes_names_the_list(oo, tmp_path):
+    root = _broken_root(oo, tmp_path, "test_cifar10", "")
+    (root / "benchmark_imglist" / "cifar10" / "test_cifar10.txt").write_text(
+        "".join(f"{rel} -1\n" for rel, _ in oo.lists["test_cifar10"][:3]))
+    with pytest.raises(UserError, match=r"labels every image -1 \(no class\)") as e:
+        build_dataset("openood:cifar10@0", "test", str(root), 32)
+    assert "class subfolders" not in str(e.value)
+
+
+def test_a_missing_set_keeps_its_row_and_its_groups_mean_is_left_empty(oo, tmp_path):
+    root = _broken_root(oo, tmp_path, "test_cifar10", "".join(f"{r} {lab}\n" for r, lab in oo.lists["test_cifar10"]))
+    os.remove(root / "benchmark_imglist" / "cifar10" / "test_texture.txt")
+    out = tmp_path / "r"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", oo.ckpt_path, "--data_path", str(root), "--no_plots",
+                  "--cache_dir", str(oo.cfg["cache_dir"]), "--output_dir", str(out), "--skip_missing")
+    rows = {r[0]: r[1:] for r in csv.reader(open(out / "openood.csv"))}
+    assert rows["texture"] == ["missing"] * 4  # the benchmark has it: its row stays, marked
+    assert rows["farood"] == [""] * 4  # no mean of 3 of the 4 far sets passed for OpenOOD's figure
+    assert all(float(v) >= 0 for v in rows["nearood"])  # the near group is whole
+    res = {(r["score"], r["ood_set"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    assert res[("MFsim", "texture")]["AUROC"] == "missing" and res[("MFsim", "far mean")]["AUROC"] == "incomplete"
+    assert "| **far mean** | incomplete (texture missing) |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("group", ["near", "far"])
+def test_openood_csv_needs_both_groups(oo, tmp_path, group):
+    """OpenOOD's table has near and far rows: sets grouped one way only get no openood.csv."""
+    out = tmp_path / "r"
+    run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", oo.ckpt_path, "--no_plots", "--output_dir", str(out),
+                  "--ood", "tin=openood:cifar10/tin", "--ood", "svhn=openood:cifar10/svhn",
+                  "--opt", f"eval.groups={{tin: {group}, svhn: {group}}}")
+    assert (out / "results.csv").is_file() and not (out / "openood.csv").exists()

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dlsr.detector import DLSRDetector
@@ -289,8 +290,16 @@ def test_predict_output_never_replaces_an_input_or_its_own_csv(trained, tmp_path
     common = ["--checkpoint", str(trained.ckpt / "checkpoint-last.pth"), "--images", str(tmp_path / "img")]
     proc = run_inprocess("predict.py", *common, "--output", str(tmp_path / "res.json"), check=False)
     assert proc.returncode == 2 and "summary goes beside it as NAME.json" in last(proc)
-    proc = run_inprocess("predict.py", *common, "--output", str(tmp_path / "img" / "." / "d0001.png"), check=False)
-    assert proc.returncode == 2 and "is one of the inputs" in last(proc) and image.read_bytes() == before
+    # the input under other spellings: "./" and "x/../" inside the string (pathlib would fold them), a
+    # symbolic link, a hard link
+    os.symlink(image, tmp_path / "link.png")
+    os.link(image, tmp_path / "hard.png")
+    for spelling in (f"{tmp_path}/img/./d0001.png", f"{tmp_path}/img/../img/d0001.png", str(tmp_path / "link.png"),
+                     str(tmp_path / "hard.png")):
+        assert spelling != str(image)  # another string, the same file
+        proc = run_inprocess("predict.py", *common, "--output", spelling, check=False)
+        assert proc.returncode == 2 and "is one of the inputs" in last(proc), spelling
+        assert image.read_bytes() == before
     (tmp_path / "notes.csv").write_text("my own notes\n")
     proc = run_inprocess("predict.py", *common, "--output", str(tmp_path / "notes.csv"), check=False)
     assert proc.returncode == 2 and "was not written by this script" in last(proc)
@@ -358,3 +367,46 @@ def test_the_calibration_line_counts_the_images_the_threshold_accepts(trained, t
                           str(tmp_path / "img"), "--output", str(tmp_path / "q.csv"), "--calibration", "digits@0",
                           "--cache_dir", str(tmp_path / "c"))
     assert f"{accepted} of {n}" in again.stdout  # the same count from the stored calibration
+
+
+def test_the_csv_goes_to_standard_output_with_output_dash(trained, tmp_path, capsys, monkeypatch):
+    save_digits(tmp_path / "img", [1, 2, 3])
+    monkeypatch.chdir(tmp_path)
+    proc = run_inprocess("predict.py", "--checkpoint", str(trained.ckpt / "checkpoint-last.pth"), "--images",
+                         str(tmp_path / "img"), "--output", "-")
+    rows = list(csv.DictReader(proc.stdout.splitlines()))
+    assert [os.path.basename(r["path"]) for r in rows] == ["d0001.png", "d0002.png", "d0003.png"]
+    assert all(float(r["MFsim"]) < 0 for r in rows)
+    assert "3 scored" in proc.stderr and "-> -" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["img"]  # no "-", "-.json" or lock files left behind
+
+
+def test_a_file_list_with_a_byte_order_mark_is_read_as_an_editor_reads_it(trained, tmp_path):
+    save_digits(tmp_path / "img", [1, 2])
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + f"{tmp_path / 'img' / 'd0001.png'}\r\n{tmp_path / 'img' / 'd0002.png'}\r\n".encode())
+    assert collect_files([f"@{listed}"]) == [str(tmp_path / "img" / "d0001.png"), str(tmp_path / "img" / "d0002.png")]
+
+
+def test_predict_alone_scores_as_the_evaluation_when_the_chunk_spans_several_backbone_batches(trained, tmp_path):
+    """eval.batch_size 64 and extract_batch_size 24: chunks of lcm = 192 files, whole batches of both."""
+    from engine.prediction import predict_files
+    cfg = load_config(trained.config)
+    cfg.extract_batch_size, cfg.eval.batch_size = 24, 64
+    save_digits(tmp_path / "img", range(200))
+    scorer = scorer_for(cfg, CPU, {"end": trained.ckpt / "checkpoint-last.pth"})
+    files = sorted(str(p) for p in (tmp_path / "img").iterdir())
+    predict_files(scorer, files, {"MSE": 0.0, "MFsim": 0.0}, "MFsim", str(tmp_path / "p.csv"))
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 200 and [r["path"] for r in rows] == files
+    from PIL import Image
+
+    from dlsr.inputs import as_uint8_images
+    images = torch.stack([as_uint8_images(Image.open(f), cfg.backbone.input_size)[0] for f in files])
+    z, keys = [], []
+    for i in range(0, 200, 192):  # the same chunks, each through whole backbone batches of 24
+        zi, ki = scorer.image_features(images[i:i + 192])
+        z.append(zi)
+        keys.append(ki)
+    expected = scorer.scores(torch.cat(z), torch.cat(keys))
+    np.testing.assert_array_equal(np.array([float(r["MFsim"]) for r in rows]), expected["MFsim"])

@@ -133,3 +133,25 @@ def test_the_api_takes_the_run_from_the_checkpoint_as_the_scripts_do(trained, ca
     assert torch.equal(det.predict(images), plain.predict(images))  # the same run, the same scores
 
 
+
+
+def test_lr_refuses_a_pair_that_is_one_file_under_two_names(trained, tmp_path):
+    os.link(trained.ckpt / "checkpoint-last.pth", tmp_path / "hard-link.pth")
+    proc = run_inprocess("test_LR.py", "--pretrained_ldm_ckpt_first", str(tmp_path / "hard-link.pth"),
+                         "--pretrained_ldm_ckpt_end", str(trained.ckpt / "checkpoint-last.pth"),
+                         "--output_dir", str(tmp_path / "lr"), check=False)
+    assert proc.returncode == 2 and "are the same file" in last(proc)
+
+
+def test_the_authors_files_take_config_yaml_in_every_script_and_the_api(tmp_path, caplog):
+    """One policy for the release's checkpoints, which store no config: the config given, else
+    config/Config.yaml (the release's own settings), with one line saying so."""
+    from experiment.run import run_config
+    from store.checkpoint import LoadedCheckpoint
+    ck = LoadedCheckpoint(str(tmp_path / "release.pth"), "release", {}, None, 149)
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        run = run_config({"end": ck})
+    assert run.source.endswith(os.path.join("config", "Config.yaml")) and run.cfg.backbone.name == "efficientnet-b4"
+    assert any("stores no config (an authors' release file): using" in r.getMessage() for r in caplog.records)
+    given = run_config({"end": ck}, os.path.join(ROOT, "config", "Config_resnet50.yaml"))
+    assert given.cfg.backbone.name == "resnet50"  # the config given wins where the file has none

@@ -1,17 +1,6 @@
 """store/rundir.py: one folder, one run (locks)."""
-import subprocess
-import sys
 
-from tests.helpers import error_line, run_inprocess, try_evaluate
-
-
-def hold_lock(path):
-    """Another process holding the lock file ``path`` (as a second run would)."""
-    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.lockf(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('locked', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
+from tests.helpers import error_line, hold_lock, run_inprocess, try_evaluate
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(trained, tmp_path):

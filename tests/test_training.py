@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from tests.helpers import (
     ROOT,
     Tiny,
     error_line,
+    hold_lock,
     last,
     run_inprocess,
     snapshot,
@@ -495,3 +497,120 @@ def test_lr_schedule_per_iteration(tiny):
     assert lr_at(cfg, 1e-3, 10.0) == pytest.approx(1e-5)
     cfg.train.cosine_lr = False
     assert lr_at(cfg, 1e-3, 7.3) == 1e-3
+
+
+# ------------------------------------------------------------------ one folder, one run (issue 35)
+
+def test_resume_auto_starts_continues_or_refuses_by_what_the_folder_holds(tiny):
+    cfg = tiny.write(train={"epochs": 1})
+    proc = run_inprocess("main.py", "--config", cfg, "--resume", "auto")
+    assert "holds no run: starting a new one" in proc.stderr and load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth")).epoch == 0
+    first = load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth")).run_id
+    proc = run_inprocess("main.py", "--config", cfg, "--resume", "auto", "--epochs", "2")
+    assert "continuing the run in" in proc.stderr
+    ck = load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth"))
+    assert ck.epoch == 1 and ck.run_id == first  # the same run, continued
+    proc = run_inprocess("main.py", "--config", cfg, "--resume", "auto", "--epochs", "2")
+    assert "the run is complete" in proc.stderr and proc.returncode == 0
+    before = (tiny.ckpt / "checkpoint-last.pth").read_bytes()
+    proc = run_inprocess("main.py", "--config", cfg, "--resume", "auto", "--seed", "5", check=False)
+    assert proc.returncode == 2 and "holds another run (train.seed: 5 now, the run's 0)" in last(proc)
+    assert (tiny.ckpt / "checkpoint-last.pth").read_bytes() == before
+
+
+def test_a_resume_into_another_runs_folder_is_refused_and_continues_where_its_checkpoint_is(tiny):
+    a = tiny.write("a.yaml", output_dir=str(tiny.tmp / "A"), train={"epochs": 1})
+    b = tiny.write("b.yaml", output_dir=str(tiny.tmp / "B"), train={"epochs": 1})
+    run_inprocess("main.py", "--config", a)
+    run_inprocess("main.py", "--config", b)
+    b_before = {p.name: p.read_bytes() for p in (tiny.tmp / "B").iterdir() if p.is_file()}
+    ck = str(tiny.tmp / "A" / "checkpoint-last.pth")
+    proc = run_inprocess("main.py", "--config", a, "--resume", ck, "--epochs", "2", "--output_dir",
+                         str(tiny.tmp / "B"), check=False)
+    assert proc.returncode == 2 and "holds another run" in last(proc) and "one folder, one run" in last(proc)
+    assert {p.name: p.read_bytes() for p in (tiny.tmp / "B").iterdir() if p.is_file()} == b_before
+    # without --output_dir: where the checkpoint is, whatever the config names (and one line says so)
+    proc = run_inprocess("main.py", "--config", b, "--resume", ck, "--epochs", "2")
+    assert f"continuing the run in {tiny.tmp / 'A'}, where its checkpoint is" in proc.stderr
+    assert load_checkpoint(ck).epoch == 1 and {p.name: p.read_bytes() for p in (tiny.tmp / "B").iterdir()
+                                               if p.is_file()} == b_before
+    # into an empty folder: allowed (a copy of the run goes on there)
+    run_inprocess("main.py", "--config", a, "--resume", ck, "--epochs", "3", "--output_dir", str(tiny.tmp / "C"))
+    assert load_checkpoint(str(tiny.tmp / "C" / "checkpoint-last.pth")).run_id == load_checkpoint(ck).run_id
+
+
+def test_a_log_folder_belongs_to_its_run(tiny):
+    logs = tiny.tmp / "logs"
+    a = tiny.write("a.yaml", output_dir=str(tiny.tmp / "A"), log_dir=str(logs), train={"epochs": 1})
+    run_inprocess("main.py", "--config", a)
+    kept = (logs / "log.txt").read_text(), (logs / "config.yaml").read_text()
+    assert json.loads(kept[0].splitlines()[0])["run_id"] == load_checkpoint(str(tiny.tmp / "A" / "checkpoint-last.pth")).run_id
+    b = tiny.write("b.yaml", output_dir=str(tiny.tmp / "B"), log_dir=str(logs), train={"epochs": 1})
+    proc = run_inprocess("main.py", "--config", b, check=False)
+    assert proc.returncode == 2 and "log folder" in last(proc) and "holds the log of another run" in last(proc)
+    assert ((logs / "log.txt").read_text(), (logs / "config.yaml").read_text()) == kept
+    assert not (tiny.tmp / "B" / "checkpoint-0.pth").exists()  # refused before any work
+    # a second run given the same --log_dir while the first holds it: the folder's lock
+    holder = hold_lock(logs / ".lock")
+    try:
+        proc = run_inprocess("main.py", "--config", a, "--resume", "auto", "--epochs", "2", check=False)
+        assert proc.returncode == 2 and "log folder" in last(proc) and "in use by another run" in last(proc)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_inprocess("main.py", "--config", a, "--resume", "auto", "--epochs", "2")  # its own run: welcome
+    assert [json.loads(x)["epoch"] for x in (logs / "log.txt").read_text().splitlines()] == [0, 1]
+
+
+def test_a_run_resumed_on_another_subset_is_refused(trained, tmp_path):
+    proc = run_inprocess("main.py", "--config", trained.config, "--resume", str(trained.ckpt / "checkpoint-last.pth"),
+                         "--epochs", "5", "--subset", "128", "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "train.subset: 128 now, the run's 256" in last(proc)
+
+
+def test_a_two_process_checkpoint_resumed_by_one_process_is_another_effective_batch(trained, tmp_path):
+    obj = torch.load(str(trained.ckpt / "checkpoint-last.pth"), weights_only=True)
+    obj["world_size"] = 2  # written by two processes of batch 32
+    path = tmp_path / "two.pth"
+    torch.save(obj, path)
+    proc = run_inprocess("main.py", "--config", trained.config, "--resume", str(path), "--epochs", "5",
+                         "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2
+    assert "effective batch: 32 (32 x 1 process(es) x 1 accumulation) now, the run's 64 (32 x 2" in last(proc)
+    proc = run_inprocess("main.py", "--config", trained.config, "--resume", str(path), "--epochs", "5",
+                         "--batch_size", "64", "--output_dir", str(tmp_path / "o"))  # the same global batch: allowed
+    assert proc.returncode == 0
+
+
+def test_the_configs_save_overhead_reaches_the_trainers_clock(tiny):
+    trainer, _ = tiny_trainer(tiny, train={"save_overhead": 0.25})
+    assert trainer.saves.overhead == 0.25
+
+
+def test_a_stop_at_an_epochs_last_step_saves_that_epoch_even_when_no_refresh_is_due(tiny, monkeypatch):
+    """With saving costly (no refresh due), a stop asked at the epoch's last step still writes
+    checkpoint-last.pth holding that epoch, complete, as the message says."""
+    cfg = load_config(tiny.write(train={"epochs": 4, "save_every": 100, "save_overhead": 0.0}))
+    steps = 256 // 32
+    stop = StopAfter(steps * 2 + steps - 1)  # true at the last step of epoch 2
+    monkeypatch.setattr("engine.training.stop_requests", lambda: nullcontext(stop))
+    monkeypatch.setattr("engine.training.SaveClock.refresh_due", lambda self: False)  # never due
+    with pytest.raises(Preempted, match=r"holds epoch 2 \(complete\)"):
+        train(cfg, CPU)
+    ck = load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth"))
+    assert ck.epoch == 2 and not ck.in_progress
+
+
+def test_the_optimiser_is_fused_on_cuda_so_the_grad_scaler_reads_nothing(tiny, monkeypatch):
+    """On CUDA, AdamW(fused=True) takes the grad scaler's inf check on the device: no .item() a step."""
+    from types import SimpleNamespace
+
+    from engine.training import training_model
+    made = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: made.append(kw) or real(params, **{
+        k: v for k, v in kw.items() if k != "fused"}))
+    cfg = load_config(tiny.write())
+    training_model(cfg, SimpleNamespace(device=torch.device("cpu"), world_size=1, cuda=True), 512, None)
+    training_model(cfg, CPU, 512, None)
+    assert [kw["fused"] for kw in made] == [True, None]

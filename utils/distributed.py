@@ -5,6 +5,7 @@
 variables) the same code runs N ranks (NCCL on GPUs, gloo on CPU). A launched run is distributed
 whatever its size: one rank under torchrun still forms a process group and issues every collective.
 """
+import logging
 import os
 import secrets
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
+
+log = logging.getLogger("dlsr")
 
 T = TypeVar("T")
 
@@ -98,6 +101,8 @@ def distributed_context(device_pref: str = "auto"):
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+    if rank == 0:
+        log.info("process group: %s, %d rank(s)", dist.get_backend(), world)
     try:
         yield DistContext(rank, world, local_rank, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)), True)
     finally:

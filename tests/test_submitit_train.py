@@ -1,0 +1,141 @@
+"""submitit_train.py with submitit's local executor (the same job code as on Slurm, as processes here):
+a 2-task gloo job trains to the end; interrupted mid-epoch (a preemption's SIGTERM, or the SIGUSR2
+the executor sends before its time limit) it is requeued and ends with the uninterrupted run's
+weights; a finished run submitted again does nothing; a failing job is not requeued."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from store.checkpoint import load_checkpoint
+from tests.helpers import ROOT
+
+pytest.importorskip("submitit")
+EPOCHS = 8
+
+
+def launch(t, out, *extra):
+    """The launcher as a user runs it: 2 tasks on this machine, waited for."""
+    cmd = [sys.executable, os.path.join(ROOT, "submitit_train.py"), "--cluster", "local", "--tasks_per_node", "2",
+           "--config", t.config, "--job_dir", str(t.tmp / f"{out.name}-jobs" / "%j"), "--output_dir", str(out), *extra]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=str(t.tmp), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def tasks_of(out):
+    """The job's task processes (python -m submitit.core._submit FOLDER), found by their job folder."""
+    mark = f"{out.name}-jobs"
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and "submitit.core._submit" in " ".join(p.info["cmdline"])
+            and mark in " ".join(p.info["cmdline"])]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """The settings of the jobs here, and one uninterrupted 2-task run of them."""
+    from tests.helpers import Tiny
+    t = Tiny(tmp_path_factory.mktemp("slurm"))
+    t.config = t.write(train={"epochs": EPOCHS, "subset": 512, "batch_size": 32, "save_every": 100})
+    reference = t.tmp / "reference"
+    proc = launch(t, reference)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    t.reference = reference
+    t.reference_stdout = out
+    return t
+
+
+def test_a_two_task_job_trains_to_the_end(job):
+    assert "submitted training job" in job.reference_stdout and "complete" in job.reference_stdout
+    ck = load_checkpoint(str(job.reference / "checkpoint-last.pth"))
+    assert ck.epoch == EPOCHS - 1 and ck.world_size == 2 and not ck.in_progress
+    first_job = job.reference_stdout.split("submitted training job ")[1].split(":")[0]
+    assert (job.tmp / "reference-jobs" / first_job / f"{first_job}_1_log.err").is_file()  # a log per task
+
+
+def test_an_interrupted_job_is_requeued_and_ends_with_the_weights_of_an_uninterrupted_one(job):
+    """Interrupted twice: a preemption's SIGTERM inside epoch 2, then the SIGUSR2 that Slurm (and the
+    local executor) sends before the time limit inside epoch 4 of the requeued job."""
+    out = job.tmp / "stopped"
+    proc = launch(job, out)
+    log, start = out / "log.txt", time.time()
+    for sig, lines in ((signal.SIGTERM, 2), (signal.SIGUSR2, 5)):  # log lines: epochs, and one per requeue
+        while not (log.is_file() and len(log.read_text().splitlines()) >= lines):
+            assert proc.poll() is None and time.time() - start < 250, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        for task in tasks_of(out):  # Slurm signals every task of the job
+            task.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "complete" in stdout, stderr[-3000:]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    requeues = [line for line in lines if "requeue" in line]
+    assert [r["requeue"] for r in requeues] == [1, 2]  # one line per requeue
+    assert "SIGTERM received" in requeues[0]["reason"] and "SIGUSR2 received" in requeues[1]["reason"]
+    assert [line["epoch"] for line in lines if "epoch" in line] == list(range(EPOCHS))  # each epoch once
+    a, b = (load_checkpoint(str(folder / "checkpoint-last.pth")) for folder in (job.reference, out))
+    assert b.run_id == requeues[0]["run_id"] == requeues[1]["run_id"] and b.epoch == EPOCHS - 1
+    for name, w in a.model.items():
+        assert torch.equal(w, b.model[name]), name  # bit for bit
+    assert all(torch.equal(a.ema["weights"][k], b.ema["weights"][k]) for k in a.ema["weights"])
+
+
+def test_a_finished_run_submitted_again_does_nothing_and_says_so(job):
+    before = (job.reference / "checkpoint-last.pth").stat().st_mtime_ns
+    proc = launch(job, job.reference)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "complete" in stdout, stderr[-3000:]
+    job_id = stdout.split("submitted training job ")[1].split(":")[0]
+    log = (job.tmp / "reference-jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "the run is complete; nothing to train" in log and "requeueing" not in log
+    assert (job.reference / "checkpoint-last.pth").stat().st_mtime_ns == before
+
+
+def test_a_failing_job_is_not_requeued_and_its_error_is_in_its_log(job):
+    out = job.tmp / "failing"
+    proc = launch(job, out, "--dataset", "folder:nowhere")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "failed (" in stderr and "no folder at" in stderr, stderr[-3000:]
+    job_id = stdout.split("submitted training job ")[1].split(":")[0]
+    err = (job.tmp / "failing-jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "error: " in err and "no folder at" in err
+    starts = (job.tmp / "failing-jobs" / job_id / f"{job_id}_0_log.out").read_text().count("Starting with")
+    assert starts == 1  # ran once: not requeued
+
+
+def test_the_launcher_checks_its_flags_and_mains_before_submitting(tiny, tmp_path):
+    from errors import UserError
+    from submitit_train import submit
+    cfg = tiny.write()
+    with pytest.raises(UserError, match="should be|must be"):
+        submit(["--cluster", "local", "--config", cfg, "--batch_size", "0", "--job_dir", str(tmp_path / "j")])
+    with pytest.raises(UserError, match="give no --resume"):
+        submit(["--cluster", "local", "--config", cfg, "--resume", "x.pth", "--job_dir", str(tmp_path / "j")])
+    with pytest.raises(UserError, match="--nodes 1"):
+        submit(["--cluster", "local", "--nodes", "2", "--config", cfg, "--job_dir", str(tmp_path / "j")])
+    assert not (tmp_path / "j").exists()  # nothing submitted
+
+
+def test_the_slurm_executor_gets_the_clusters_settings(tmp_path, monkeypatch):
+    """What the job asks Slurm for (no Slurm here: the executor's parameters, as submitit writes them)."""
+    import submitit.slurm.slurm
+
+    from submitit_train import executor, split_argv
+    monkeypatch.setattr(submitit.slurm.slurm.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # "srun is there"
+    ours, _ = split_argv(["--nodes", "2", "--gpus_per_node", "8", "--timeout", "240", "--partition", "gpu",
+                          "--account", "lab", "--constraint", "volta32gb", "--signal_delay", "150",
+                          "--max_requeues", "5", "--sbatch", "exclusive=true"])
+    ex = executor(ours, str(tmp_path / "jobs" / "%j"), 8)
+    params = ex._executor.parameters
+    assert params["nodes"] == 2 and params["ntasks_per_node"] == 8 and params["gpus_per_node"] == 8
+    assert params["time"] == 240 and params["partition"] == "gpu" and params["signal_delay_s"] == 150
+    assert params["additional_parameters"] == {"exclusive": True, "account": "lab", "constraint": "volta32gb"}
+    assert ex._executor.max_num_timeout == 5
+    text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit FOLDER", "uid")
+    assert "#SBATCH --signal=USR2@150" in text and "#SBATCH --exclusive\n" in text
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --account=lab" in text and "#SBATCH --ntasks-per-node=8" in text

@@ -28,7 +28,7 @@ fashion-mnist:
 
 # Two workers with one thread each (pytest-xdist): about 2.7 min on 2 cores instead of 5.3 serially.
 test: install fashion-mnist
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Run again, it continues the demo's run in $(DEMO) (or, when that run is complete, says so and
 # reuses it), then evaluates again; `make clean` first retrains from scratch.

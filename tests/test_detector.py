@@ -192,7 +192,7 @@ def test_pytorch_ood_benchmark_gives_the_evaluation_scripts_auroc(trained, detec
     root = _fmnist_torchvision_layout(str(tmp_path / "tv"))
 
     class FashionShirt(Benchmark):
-        """ID: Fashion-MNIST classes 0-4; OOD: shirt (class 6), labelled -1."""
+        """ID: Fashion-MNIST class 0 (T-shirt/top); OOD: shirt (class 6), labelled -1."""
         ood_names = ["shirt"]
 
         def __init__(self):
@@ -200,18 +200,18 @@ def test_pytorch_ood_benchmark_gives_the_evaluation_scripts_auroc(trained, detec
 
         def train_set(self):
             train = torchvision.datasets.FashionMNIST(root, train=True, transform=ToTensor())
-            return Subset(train, np.flatnonzero(train.targets.numpy() < 5))
+            return Subset(train, np.flatnonzero(train.targets.numpy() < 1))
 
         def test_sets(self, known=True, unknown=True):
             labels = self.test.targets.numpy()
-            id_set = Subset(self.test, np.flatnonzero(labels < 5))
+            id_set = Subset(self.test, np.flatnonzero(labels < 1))
             shirt = Relabelled(Subset(self.test, np.flatnonzero(labels == 6)), -1)
             return [ConcatDataset([id_set, shirt])]
 
     result = FashionShirt().evaluate(detector, loader_kwargs={"batch_size": 256})
     out = tmp_path / "eval"
     run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
-                  "--pretrained_ldm_cfg", trained.config, "--dataset", "fashion-mnist@0-4",
+                  "--pretrained_ldm_cfg", trained.config, "--dataset", "fashion-mnist@0",
                   "--ood", "shirt=fashion-mnist@6", "--no_plots", "--output_dir", str(out))
     ours = json.loads((out / "results.json").read_text())["metrics"]["MFsim"]["shirt"]["AUROC"]
     assert result[0]["Dataset"] == "shirt"

@@ -15,6 +15,7 @@ from store.checkpoint import (
 from tests.helpers import ROOT, Tiny, run_inprocess, run_two_nodes
 
 
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process with batch 32: the reference run, which also fills cache folder A."""
@@ -39,7 +40,7 @@ def cache_files(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-@pytest.mark.parametrize("holder", [0, 1])
+@pytest.mark.parametrize("holder", [0])  # node 1 as the holder: the evaluation test below
 def test_training_on_two_nodes_when_one_node_holds_the_cache(single, holder):
     t = single
     empty = t.tmp / f"empty-train-{holder}"
@@ -59,7 +60,7 @@ def test_training_on_two_nodes_when_one_node_holds_the_cache(single, holder):
     assert torch.equal(torch.load(empty / name)["features"], torch.load(t.tmp / "A" / name)["features"])
 
 
-@pytest.mark.parametrize("holder", [0, 1, None])
+@pytest.mark.parametrize("holder", [1, None])  # node 0 as the holder: the training test above
 def test_evaluation_on_two_nodes_when_one_or_no_node_holds_the_cache(single, holder):
     # With no holder, both ranks extract: backbone batches, their gathering (rank blocks
     # interleaved) and the reconstruction batches must all line up with one process.
@@ -85,7 +86,7 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     from tests.helpers import free_port
 
     t = single
-    cfg = t.write("long.yaml", train={"epochs": 14, "batch_size": 16, "save_every": 100})
+    cfg = t.write("long.yaml", train={"epochs": 7, "batch_size": 16, "save_every": 100})
 
     def two_nodes(out, *extra, stop_after_lines=None):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -112,11 +113,11 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     assert all(c != 0 for c in codes)
     assert any("stopped: SIGTERM received" in err for _, err in outs), outs[1][1][-2000:]
     ck = load_checkpoint(str(stopped / "checkpoint-last.pth"))
-    assert 1 <= ck.epoch < 13
+    assert 1 <= ck.epoch < 6
     outs, codes = two_nodes(stopped, "--resume", str(stopped / "checkpoint-last.pth"))
     assert codes == [0, 0], outs[0][1][-2000:]
     a = load_checkpoint(str(t.tmp / "full" / "checkpoint-last.pth"))
     b = load_checkpoint(str(stopped / "checkpoint-last.pth"))
-    assert a.epoch == b.epoch == 13
+    assert a.epoch == b.epoch == 6
     for k in a.model:
         assert torch.equal(a.ema["weights"][k], b.ema["weights"][k]), k

@@ -16,13 +16,14 @@ import torch
 from store.checkpoint import load_checkpoint
 from tests.helpers import ROOT
 
+
 pytest.importorskip("submitit")
 EPOCHS = 8
 
 
-def launch(t, out, *extra):
+def launch(t, out, *extra, tasks=2):
     """The launcher as a user runs it: 2 tasks on this machine, waited for."""
-    cmd = [sys.executable, os.path.join(ROOT, "submitit_train.py"), "--cluster", "local", "--tasks_per_node", "2",
+    cmd = [sys.executable, os.path.join(ROOT, "submitit_train.py"), "--cluster", "local", "--tasks_per_node", str(tasks),
            "--config", t.config, "--job_dir", str(t.tmp / f"{out.name}-jobs" / "%j"), "--output_dir", str(out), *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=str(t.tmp), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -98,7 +99,7 @@ def test_a_finished_run_submitted_again_does_nothing_and_says_so(job):
 
 def test_a_failing_job_is_not_requeued_and_its_error_is_in_its_log(job):
     out = job.tmp / "failing"
-    proc = launch(job, out, "--dataset", "folder:nowhere")
+    proc = launch(job, out, "--dataset", "folder:nowhere", tasks=1)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "failed (" in stderr and "no folder at" in stderr, stderr[-3000:]
     job_id = stdout.split("submitted training job ")[1].split(":")[0]

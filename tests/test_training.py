@@ -345,7 +345,7 @@ def test_checkpoint_last_is_refreshed_after_every_epoch_when_saving_is_cheap(tin
     assert saved == [["checkpoint-0.pth", "checkpoint-last.pth"], [], [], ["checkpoint-last.pth"]]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1])  # SIGTERM: tests/test_loader.py, test_two_ranks.py, test_multinode.py
 def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, uninterrupted, sig):
     config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), **SIGNAL_RUN)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

@@ -8,6 +8,7 @@ import pytest
 from tests.helpers import Tiny, run_inprocess, run_recorded, run_script, save_digits
 
 
+
 @pytest.fixture(scope="module")
 def ranked(tmp_path_factory):
     t = Tiny(tmp_path_factory.mktemp("ranked"))
@@ -26,19 +27,20 @@ def ranked(tmp_path_factory):
 
 @pytest.mark.parametrize("warm", [False, True])
 def test_two_rank_evaluation_with_layer_norm_and_draws_equals_one_process(ranked, warm):
-    """A reconstruction batch (4096) larger than every set (the ID set: 1,797 images): rank 1 gets no
+    """A reconstruction batch (4096) larger than every set (the ID set: 178 images): rank 1 gets no
     batch in any set; the layer statistics of both draws need the training features (a collective
     cache decision) all the same, before any rank's loop."""
     t = ranked
     ckpt = str(t.ckpt / "checkpoint-last.pth")
     common = ["--pretrained_ldm_ckpt", ckpt, "--pretrained_ldm_cfg", t.config, "--layer_norm", "--noise_draws", "2",
               "--no_plots", "--baselines", "knn", "--cache_dir", str(t.tmp / ("warm" if warm else "cold")),
-              "--batch_size", "4096"]
-    if warm:
-        run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / "warm-fill"))
+              "--batch_size", "4096", "--dataset", "digits@0"]
+    if warm:  # one process fills the cache: the reference
+        run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e1-{warm}"))
     seq = run_recorded(t.tmp, f"eval-{warm}", "test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e2-{warm}"))
     assert any(line.startswith("all_gather") for line in seq) != warm  # extraction only when cold
-    run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e1-{warm}"))
+    if not warm:
+        run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e1-{warm}"))
     for name in ("ID", "few"):
         one = np.load(t.tmp / f"e1-{warm}" / "scores" / f"{name}.npy")
         two = np.load(t.tmp / f"e2-{warm}" / "scores" / f"{name}.npy")

@@ -82,6 +82,24 @@ def check(code, out, err, what):
         raise RuntimeError(f"{what} exited {code}: {tail(err)}")
 
 
+def compare(reference: str, other: str) -> dict:
+    """Two evaluation results folders of the same sets: the largest relative score difference (over every
+    score file and field) and the largest AUROC gap in points (over every score and set)."""
+    worst, auroc_gap = 0.0, 0.0
+    for f in sorted(os.listdir(os.path.join(reference, "scores"))):
+        a = np.load(os.path.join(reference, "scores", f))
+        b = np.load(os.path.join(other, "scores", f))
+        for field in a.dtype.names:
+            worst = max(worst, float(np.max(np.abs(a[field] - b[field]) / (np.abs(a[field]) + 1e-3))))
+    ra = json.load(open(os.path.join(reference, "results.json")))
+    rb = json.load(open(os.path.join(other, "results.json")))
+    for score, sets in ra["metrics"].items():
+        for set_name, m in sets.items():
+            if m and rb["metrics"][score].get(set_name):
+                auroc_gap = max(auroc_gap, 100 * abs(m["AUROC"] - rb["metrics"][score][set_name]["AUROC"]))
+    return {"max_relative_score_difference_vs_cpu": worst, "max_auroc_gap_points": auroc_gap}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.json")
@@ -142,22 +160,7 @@ def main():
                                   "--output_dir", out_dir, "--no_plots", *extra], 300)
             check(code, out, err, f"test_mse_mfsim.py ({name})")
             results[name] = out_dir
-        report = {}
-        for name in ("gpu_fp32", "gpu_amp"):
-            worst, auroc_gap = 0.0, 0.0
-            for f in sorted(os.listdir(os.path.join(results["cpu_fp32"], "scores"))):
-                a = np.load(os.path.join(results["cpu_fp32"], "scores", f))
-                b = np.load(os.path.join(results[name], "scores", f))
-                for field in a.dtype.names:
-                    worst = max(worst, float(np.max(np.abs(a[field] - b[field]) / (np.abs(a[field]) + 1e-3))))
-            ra = json.load(open(os.path.join(results["cpu_fp32"], "results.json")))
-            rb = json.load(open(os.path.join(results[name], "results.json")))
-            for score, sets in ra["metrics"].items():
-                for set_name, m in sets.items():
-                    if m and rb["metrics"][score].get(set_name):
-                        gap = 100 * abs(m["AUROC"] - rb["metrics"][score][set_name]["AUROC"])  # fractions there
-                        auroc_gap = max(auroc_gap, gap)
-            report[name] = {"max_relative_score_difference_vs_cpu": worst, "max_auroc_gap_points": auroc_gap}
+        report = {name: compare(results["cpu_fp32"], results[name]) for name in ("gpu_fp32", "gpu_amp")}
         report["fp32_within_1e-4"] = report["gpu_fp32"]["max_relative_score_difference_vs_cpu"] <= 1e-4
         report["amp_auroc_within_0.1"] = report["gpu_amp"]["max_auroc_gap_points"] <= 0.1
         return report

@@ -203,3 +203,25 @@ def test_with_layer_norm_each_k_gets_its_own_statistics(oo):
                                                                         ("openood:cifar10/val", "test"))]
     scores = [det.predict(torch.stack([ds[i] for i in range(len(ds))])) for ds in sets]
     assert ood_metrics(scores[0].numpy(), scores[1].numpy())["AUROC"] == pytest.approx(aurocs[4], abs=1e-6)
+
+
+def test_the_gpu_checks_comparison_and_its_json_after_every_stage(tmp_path):
+    """bench/gpu_check.py's arithmetic, by hand: the relative score gap and the AUROC gap in points; and
+    its report, written after each stage (a run cut off by its time limit keeps what it found)."""
+    import gpu_check
+    for name, shift, auroc in (("cpu", 0.0, 0.90), ("gpu", 0.002, 0.905)):
+        os.makedirs(tmp_path / name / "scores")
+        arr = np.zeros(3, dtype=[("MFsim", "f8"), ("MSE", "f8")])
+        arr["MFsim"], arr["MSE"] = [-1.0, -0.5, 0.0], [10.0, 20.0, 30.0 + shift * 1000]
+        np.save(tmp_path / name / "scores" / "ID.npy", arr)
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"metrics": {"MFsim": {"svhn": {"AUROC": auroc}, "mean": None}}}))
+    got = gpu_check.compare(str(tmp_path / "cpu"), str(tmp_path / "gpu"))
+    assert got["max_relative_score_difference_vs_cpu"] == pytest.approx(2.0 / (30 + 1e-3))
+    assert got["max_auroc_gap_points"] == pytest.approx(0.5)
+    stages = gpu_check.Stages(str(tmp_path / "report.json"))
+    stages.stage("one", lambda: {"figure": 1})
+    assert json.loads((tmp_path / "report.json").read_text())["stages"]["one"]["figure"] == 1
+    stages.stage("two", lambda: 1 / 0)  # a failed stage is recorded, and the next ones still run
+    report = json.loads((tmp_path / "report.json").read_text())["stages"]
+    assert report["two"]["status"] == "failed" and "ZeroDivisionError" in report["two"]["error"]

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo_output
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo fashion-mnist bench benchmark benchmark-oneclass mutate flags clean
+.PHONY: install test demo fashion-mnist bench benchmark benchmark-oneclass mutate flags gpu-bundle clean
 
 install: $(STAMP)
 
@@ -30,20 +30,19 @@ fashion-mnist:
 test: install fashion-mnist
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# Run again, it continues the demo's run in $(DEMO) (or, when that run is complete, says so and
-# reuses it), then evaluates again; `make clean` first retrains from scratch.
+# Run again, it continues the demo's run in $(DEMO) (main.py --resume auto: a complete run is
+# reused as it is), then evaluates again; `make clean` first retrains from scratch.
 demo: install fashion-mnist
-	@if [ -f $(DEMO)/checkpoint/checkpoint-last.pth ]; then \
-		echo "demo: $(DEMO)/checkpoint holds the demo's run: resuming it (a complete run is reused as it is)"; \
-		$(PY) main.py --config config/demo.yaml --resume $(DEMO)/checkpoint/checkpoint-last.pth; \
-	else \
-		$(PY) main.py --config config/demo.yaml; \
-	fi
+	$(PY) main.py --config config/demo.yaml --resume auto --output_dir $(DEMO)/checkpoint
 	$(PY) test_mse_mfsim.py --pretrained_ldm_cfg config/demo.yaml \
 		--pretrained_ldm_ckpt $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-mse-mfsim
 	$(PY) test_LR.py --pretrained_ldm_cfg config/demo.yaml \
 		--pretrained_ldm_ckpt_first $(DEMO)/checkpoint/checkpoint-0.pth \
 		--pretrained_ldm_ckpt_end $(DEMO)/checkpoint/checkpoint-last.pth --output_dir $(DEMO)/results-LR
+
+# What a bare GPU machine lacks to run bench/gpu_check.py (docs/OPERATIONS.md): gpu_bundle/, ~50 MB.
+gpu-bundle: install fashion-mnist
+	$(PY) -m tools.gpu_bundle
 
 # The README's flag tables, rewritten from the scripts' parsers (a test checks they are current).
 flags: install

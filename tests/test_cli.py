@@ -24,7 +24,7 @@ TORCHRUN = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--m
 RELEASE_ONLY = {"--ldm_steps"}  # named where the docs say what the release did with it
 
 
-SLURM = {"--signal"}  # sbatch's, in docs/OPERATIONS.md
+SLURM = {"--signal", "--dependency", "--gpus", "--ntasks", "--requeue", "--time"}  # sbatch's, in docs/OPERATIONS.md
 
 
 DOCKER = {"--shm"}  # docker run's --shm-size, in docs/OPERATIONS.md
@@ -33,7 +33,16 @@ DOCKER = {"--shm"}  # docker run's --shm-size, in docs/OPERATIONS.md
 PIP = {"--no"}  # pip's --no-deps and --no-index, in docs/OPERATIONS.md
 
 
-DOCS = ("README.md", "docs/USAGE.md", "docs/OPERATIONS.md")
+PYTEST = {"--dist"}  # pytest-xdist's, in docs/USAGE.md
+
+
+def gpu_check_flags():
+    """bench/gpu_check.py's flags, read from its source (its parser is built inside main())."""
+    with open(os.path.join(ROOT, "bench", "gpu_check.py")) as f:
+        return set(re.findall(r'add_argument\("(--[a-z_]+)"', f.read()))
+
+
+DOCS = ("README.md", "docs/USAGE.md", "docs/OPERATIONS.md", "docs/EXTENDING.md")
 
 
 def config_actions(script):
@@ -135,7 +144,7 @@ def test_every_flag_the_docs_name_exists(doc):
     with open(os.path.join(ROOT, doc)) as f:
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", f.read()))
     ours = {s for script in SCRIPTS for a in parser_of(script)._actions for s in a.option_strings}
-    assert named - ours - TORCHRUN - RELEASE_ONLY - SLURM - DOCKER - PIP == set()
+    assert named - ours - TORCHRUN - RELEASE_ONLY - SLURM - DOCKER - PIP - PYTEST - gpu_check_flags() == set()
 
 
 def test_each_config_flag_is_made_from_its_field():

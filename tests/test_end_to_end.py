@@ -24,12 +24,11 @@ def test_the_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert all(0.9 < v <= 1.0 for v in aurocs.values()), aurocs
 
 
-def test_make_demo_run_again_resumes_or_reuses_its_run(tmp_path):
+def test_make_demo_trains_with_resume_auto_in_its_own_folder(tmp_path):
+    """make demo, run again, continues (or reuses) its run: main.py --resume auto in $(DEMO)/checkpoint."""
     env = {**os.environ, "MAKEFLAGS": ""}
-    common = ["make", "-s", "--no-print-directory", "demo", "PY=echo", "FMNIST=/"]
-    fresh = subprocess.run(common + [f"DEMO={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert fresh.returncode == 0 and "main.py --config config/demo.yaml\n" in fresh.stdout
-    (tmp_path / "d" / "checkpoint").mkdir(parents=True)
-    (tmp_path / "d" / "checkpoint" / "checkpoint-last.pth").write_bytes(b"")
-    again = subprocess.run(common + [f"DEMO={tmp_path / 'd'}"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert again.returncode == 0 and f"--resume {tmp_path / 'd'}/checkpoint/checkpoint-last.pth" in again.stdout
+    proc = subprocess.run(["make", "-s", "--no-print-directory", "demo", "PY=echo", "FMNIST=/", f"DEMO={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0
+    assert f"main.py --config config/demo.yaml --resume auto --output_dir {tmp_path}/checkpoint\n" in proc.stdout
+    assert f"--pretrained_ldm_ckpt {tmp_path}/checkpoint/checkpoint-last.pth" in proc.stdout

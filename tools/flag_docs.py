@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Dict
 
-SCRIPTS = ("main.py", "test_mse_mfsim.py", "test_LR.py", "predict.py")
+SCRIPTS = ("main.py", "test_mse_mfsim.py", "test_LR.py", "predict.py", "submitit_train.py")
 USAGE = "docs/USAGE.md"
 BLOCK = re.compile(r"(<!-- flags: (?P<script>\S+) -->\n)(?P<body>.*?)(<!-- /flags -->)", re.S)
 

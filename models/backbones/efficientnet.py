@@ -9,7 +9,24 @@ from models.backbones.base import Backbone, Family
 SPECS = {"efficientnet-b4": ((1, 5, 9, 21, 31), (24, 32, 56, 160, 448), "efficientnet-b4-6ed6700e.pth")}
 
 
-class EfficientNet(Backbone):
+class StemAndBlocks(Backbone):
+    """The EfficientNet layout both packages share: a stem (conv, BN, swish), then ``net._blocks``;
+    the taps are the outputs of the blocks numbered in ``self.blocks``."""
+
+    def taps(self, net, x):
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        maps = []
+        for idx, block in enumerate(net._blocks[: self.blocks[-1] + 1]):
+            x = block(x)  # eval mode: drop-connect is off
+            if idx in self.blocks:
+                maps.append(x)
+        return maps
+
+    def used_prefixes(self) -> tuple:
+        return ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(self.blocks[-1] + 1)))
+
+
+class EfficientNet(StemAndBlocks):
     strides = (2, 4, 8, 16, 32)
     has_swish = True
 
@@ -25,18 +42,6 @@ class EfficientNet(Backbone):
         # (set_swish(memory_efficient=False)) installs nn.SiLU, whose fused kernel rounds differently
         # by ~1e-6 per activation; b4 amplifies that to O(1) in the standardised last layer.
         return Net.from_name(self.name)
-
-    def taps(self, net, x):
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        maps = []
-        for idx, block in enumerate(net._blocks[: self.blocks[-1] + 1]):
-            x = block(x)  # eval mode: drop-connect is off
-            if idx in self.blocks:
-                maps.append(x)
-        return maps
-
-    def used_prefixes(self) -> tuple:
-        return ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(self.blocks[-1] + 1)))
 
     def set_fused_swish(self, net, on: bool) -> None:
         net.set_swish(memory_efficient=not on)

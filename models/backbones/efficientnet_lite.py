@@ -5,10 +5,11 @@ from typing import Optional
 from torch import nn
 
 from errors import UserError
-from models.backbones.base import Backbone, Family
+from models.backbones.base import Family
+from models.backbones.efficientnet import StemAndBlocks
 
 
-class EfficientNetLite0(Backbone):
+class EfficientNetLite0(StemAndBlocks):
     name = "efficientnet-lite0"
     blocks = (0, 2, 4, 10, 15)
     channels = (16, 24, 40, 112, 320)
@@ -24,18 +25,6 @@ class EfficientNetLite0(Backbone):
     def build(self) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet as Net
         return Net.from_name(self.name)
-
-    def taps(self, net, x):
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        maps = []
-        for idx, block in enumerate(net._blocks[: self.blocks[-1] + 1]):
-            x = block(x)
-            if idx in self.blocks:
-                maps.append(x)
-        return maps
-
-    def used_prefixes(self) -> tuple:
-        return ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(self.blocks[-1] + 1)))
 
     def find_local(self) -> Optional[str]:
         try:

@@ -2,6 +2,10 @@
 seeded 96 px crops of scikit-learn's two sample photographs, default 1000), ``noise:gaussian[:N]`` and
 ``noise:uniform[:N]`` (N seeded 32x32 RGB noise images, default 1000). Train and test draws differ,
 so a set is never scored on its own training images."""
+import glob
+import importlib.util
+import os
+
 import numpy as np
 
 from datasets.images import ArrayImages
@@ -25,17 +29,50 @@ def _split_seed(split: str) -> int:
     return 0 if split == "test" else 1
 
 
+def _sklearn_file(*parts: str) -> str:
+    """A data file scikit-learn ships, found without importing scikit-learn (which takes ~2 s: a
+    training process needs the digits, not scikit-learn); '' where the package or file is missing."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.origin:
+        return ""
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", *parts)
+    return path if os.path.exists(path) else ""
+
+
+def _digits():
+    """scikit-learn's digits as load_digits() reads them: images (1797, 8, 8) in 0..16, targets."""
+    path = _sklearn_file("data", "digits.csv.gz")
+    if not path:
+        from sklearn.datasets import load_digits  # another layout of the package: its own reader
+        data = load_digits()
+        return data.images, data.target
+    table = np.loadtxt(path, delimiter=",")  # 64 pixels then the label, as load_digits reads it
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
+def _sample_photos():
+    """scikit-learn's two sample photographs as load_sample_images() reads them (sorted by name)."""
+    paths = sorted(glob.glob(os.path.join(_sklearn_file("images") or "/nonexistent", "*.jpg")))
+    if not paths:
+        from sklearn.datasets import load_sample_images
+        return load_sample_images().images
+    from PIL import Image
+    pictures = []
+    for path in paths:
+        with Image.open(path) as image:
+            pictures.append(np.asarray(image))
+    return pictures
+
+
 def digits(arg, split, data_path, size, download):
-    from sklearn.datasets import load_digits  # here: scikit-learn takes ~2 s to import
-    data = load_digits()  # images (1797, 8, 8), values 0..16
-    return ArrayImages("digits", np.round(data.images * (255.0 / 16.0)).astype(np.uint8), size, data.target,
+    images, target = _digits()
+    return ArrayImages("digits", np.round(images * (255.0 / 16.0)).astype(np.uint8), size, target,
                        [str(i) for i in range(10)])
 
 
 def photos(arg, split, data_path, size, download):
-    from sklearn.datasets import load_sample_images  # here: scikit-learn takes ~2 s to import
     n = _count(arg, 1000)
-    pictures = load_sample_images().images  # two (427, 640, 3) uint8 photographs
+    pictures = _sample_photos()  # two (427, 640, 3) uint8 photographs
     rng = np.random.default_rng(_split_seed(split))
     crops = np.empty((n, 96, 96, 3), dtype=np.uint8)
     for i in range(n):

@@ -130,6 +130,29 @@ def test_offline_sets():
     assert len(build_dataset("noise:uniform", "test", "./nowhere", 16)) == 1000
 
 
+@pytest.mark.parametrize("found", [True, False])
+def test_digits_and_photos_are_scikit_learns_read_without_importing_it(monkeypatch, found):
+    """The files scikit-learn ships, read as its loaders read them; where the package's layout
+    differs (no file found), its own loaders."""
+    from sklearn.datasets import load_sample_images
+
+    import datasets.synthetic as synthetic
+    if not found:
+        monkeypatch.setattr(synthetic, "_sklearn_file", lambda *parts: "")
+    else:
+        assert synthetic._sklearn_file("data", "digits.csv.gz")
+    reference = load_digits()
+    images, target = synthetic._digits()
+    assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
+    assert target.dtype == reference.target.dtype and np.array_equal(target, reference.target)
+    digits = build_dataset("digits", "test", "./nowhere", 8)
+    assert np.array_equal(digits.array, np.round(reference.images * (255.0 / 16.0)).astype(np.uint8))
+    photos = synthetic._sample_photos()
+    expected = load_sample_images().images
+    assert len(photos) == len(expected) == 2
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(photos, expected))
+
+
 @pytest.mark.parametrize("spec,msg", [("imagenet", "unknown dataset 'imagenet'"), ("noise:pink", "noise:gaussian"),
                                       ("photos:x", "image count"), ("folder:", "needs a path")])
 def test_bad_specs(spec, msg):

@@ -153,14 +153,19 @@ def test_choosing_k_on_the_validation_lists(oo, tmp_path):
     assert ood_metrics(scores[0].numpy(), scores[1].numpy())["AUROC"] == pytest.approx(aurocs[4], abs=1e-3)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--classes", "a"], "--classes: give class indices in 0..9"),
-    (["--config", "missing.yaml"], "does not exist"),
-    (["--epochs", "0"], "must be a positive integer, got '0'"),
-    (["--epochs", "-3"], "must be a positive integer, got '-3'"),
+@pytest.mark.parametrize("args,message,process", [
+    (["--classes", "a"], "--classes: give class indices in 0..9", True),  # as a user runs it: exit 2, one line
+    (["--config", "missing.yaml"], "does not exist", False),
+    (["--epochs", "0"], "must be a positive integer, got '0'", False),
+    (["--epochs", "-3"], "must be a positive integer, got '-3'", False),
 ])
-def test_oneclass_refuses_bad_arguments_in_one_line(args, message):
-    proc = run_script("bench/oneclass.py", *args, check=False, timeout=120)
+def test_oneclass_refuses_bad_arguments_in_one_line(args, message, process, monkeypatch):
+    if process:
+        proc = run_script("bench/oneclass.py", *args, check=False, timeout=120)
+    else:  # the same error boundary (cli.run_entry) in this process
+        monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+        monkeypatch.chdir(ROOT)
+        proc = run_inprocess("bench/oneclass.py", *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
 

@@ -25,28 +25,26 @@ def ranked(tmp_path_factory):
     return t
 
 
-@pytest.mark.parametrize("warm", [False, True])
-def test_two_rank_evaluation_with_layer_norm_and_draws_equals_one_process(ranked, warm):
+def test_two_rank_evaluation_with_layer_norm_and_draws_equals_one_process(ranked):
     """A reconstruction batch (4096) larger than every set (the ID set: 178 images): rank 1 gets no
     batch in any set; the layer statistics of both draws need the training features (a collective
-    cache decision) all the same, before any rank's loop."""
+    cache decision) all the same, before any rank's loop. Two ranks with a cold cache (they extract
+    together) and with the warm one the reference left, each against one process."""
     t = ranked
     ckpt = str(t.ckpt / "checkpoint-last.pth")
     common = ["--pretrained_ldm_ckpt", ckpt, "--pretrained_ldm_cfg", t.config, "--layer_norm", "--noise_draws", "2",
-              "--no_plots", "--baselines", "knn", "--cache_dir", str(t.tmp / ("warm" if warm else "cold")),
-              "--batch_size", "4096", "--dataset", "digits@0"]
-    if warm:  # one process fills the cache: the reference
-        run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e1-{warm}"))
-    seq = run_recorded(t.tmp, f"eval-{warm}", "test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e2-{warm}"))
-    assert any(line.startswith("all_gather") for line in seq) != warm  # extraction only when cold
-    if not warm:
-        run_inprocess("test_mse_mfsim.py", *common, "--output_dir", str(t.tmp / f"e1-{warm}"))
-    for name in ("ID", "few"):
-        one = np.load(t.tmp / f"e1-{warm}" / "scores" / f"{name}.npy")
-        two = np.load(t.tmp / f"e2-{warm}" / "scores" / f"{name}.npy")
-        assert one.dtype.names == two.dtype.names and "kNN_k1" in one.dtype.names
-        for field in one.dtype.names:
-            assert np.allclose(one[field], two[field], rtol=1e-4, atol=1e-4), (name, field)  # threads round apart
+              "--no_plots", "--baselines", "knn", "--batch_size", "4096", "--dataset", "digits@0"]
+    run_inprocess("test_mse_mfsim.py", *common, "--cache_dir", str(t.tmp / "warm"), "--output_dir", str(t.tmp / "e1"))
+    for warm in (False, True):
+        seq = run_recorded(t.tmp, f"eval-{warm}", "test_mse_mfsim.py", *common, "--cache_dir",
+                           str(t.tmp / ("warm" if warm else "cold")), "--output_dir", str(t.tmp / f"e2-{warm}"))
+        assert any(line.startswith("all_gather") for line in seq) != warm  # extraction only when cold
+        for name in ("ID", "few"):
+            one = np.load(t.tmp / "e1" / "scores" / f"{name}.npy")
+            two = np.load(t.tmp / f"e2-{warm}" / "scores" / f"{name}.npy")
+            assert one.dtype.names == two.dtype.names and "kNN_k1" in one.dtype.names
+            for field in one.dtype.names:  # threads round apart
+                assert np.allclose(one[field], two[field], rtol=1e-4, atol=1e-4), (warm, name, field)
 
 
 def test_two_rank_predict_with_layer_norm_on_three_files_finishes_and_equals_one_process(ranked, tmp_path):

@@ -46,7 +46,7 @@ def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_exits_130(traine
     original = store.atomic.torch.save
 
     def interrupted_save(obj, f):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives while the checkpoint is being written
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives (in this thread) while the checkpoint is being written
         return original(obj, f)
 
     monkeypatch.setattr(store.atomic.torch, "save", interrupted_save)

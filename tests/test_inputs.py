@@ -157,6 +157,17 @@ def test_a_dataloader_batch_is_its_first_item_when_that_is_a_batch(det):
     assert det.predict([gray, torch.tensor([0, 1, 2])]).shape == (3,)
 
 
+def test_a_grayscale_batch_of_more_than_four_is_a_batch_beside_one_hot_rows_and_checked(det):
+    """(B, H, W) with B not a channel count is a batch by the image rule (no channel axis): beside
+    one-hot rows it is a DataLoader batch, and an item with a row count other than B is refused."""
+    gray = torch.from_numpy(digits_uint8()[:5])  # (5, 8, 8)
+    expected = det.predict(gray)
+    assert expected.shape == (5,)
+    assert torch.equal(det.predict((gray, torch.eye(5)[:, :3])), expected)  # one-hot labels: 5 scores, not 2
+    with pytest.raises(ValueError, match="batch of 5 images .* item 1 .*not one value or row per image"):
+        det.predict([gray, torch.arange(4)])
+
+
 def test_what_can_be_read_two_ways_is_refused_naming_the_ways_out(det):
     gray = digits_uint8()[:3]  # (3, 8, 8): one RGB image, or three grayscale ones?
     with pytest.raises(ValueError, match=r"ambiguous images.*\(3, 1, H, W\).*its own list item"):

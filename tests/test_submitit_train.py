@@ -140,3 +140,31 @@ def test_the_slurm_executor_gets_the_clusters_settings(tmp_path, monkeypatch):
     text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit FOLDER", "uid")
     assert "#SBATCH --signal=USR2@150" in text and "#SBATCH --exclusive\n" in text
     assert "#SBATCH --nodes=2" in text and "#SBATCH --account=lab" in text and "#SBATCH --ntasks-per-node=8" in text
+
+
+def test_the_evaluation_job_scores_the_finished_runs_first_and_last_checkpoints(trained, tmp_path, monkeypatch):
+    """The dependent job's code in this process (one task): test_mse_mfsim.py on checkpoint-last.pth,
+    test_LR.py on the pair checkpoint-0.pth / checkpoint-last.pth of the run's own folder."""
+    import shutil
+    import types
+
+    import submitit
+
+    from submitit_train import Evaluation
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint-0.pth", "checkpoint-last.pth"):
+        shutil.copy(trained.ckpt / name, run / name)
+    env = types.SimpleNamespace(num_tasks=1, num_nodes=1, job_id="evaluation-test", global_rank=0, local_rank=0,
+                                hostnames=["127.0.0.1"])
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: env)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # put back after the test (the job sets them)
+        monkeypatch.delenv(name)
+    small = ["--dataset", "digits@0", "--ood", "few=noise:gaussian:20"]  # two small sets: what is scored is the point
+    assert Evaluation(str(run), ["--pretrained_ldm_cfg", trained.config, "--no_plots", *small])() == "evaluated"
+    mse = json.loads((run / "results-checkpoint-last" / "results.json").read_text())["meta"]["checkpoints"]
+    lr = json.loads((run / "results-LR" / "results.json").read_text())["meta"]["checkpoints"]
+    assert [c["path"] for c in mse.values()] == [str(run / "checkpoint-last.pth")]
+    assert (lr["first"]["path"], lr["end"]["path"]) == (str(run / "checkpoint-0.pth"), str(run / "checkpoint-last.pth"))
+    assert (lr["first"]["epoch"], lr["end"]["epoch"]) == (0, 2)

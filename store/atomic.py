@@ -53,7 +53,8 @@ def fsync_folder(folder: str) -> None:
 
 @contextmanager
 def sigint_deferred():
-    """Hold Ctrl-C until the block is done, then raise KeyboardInterrupt: a save is never cut in half."""
+    """Hold Ctrl-C until the block is done, then hand it to the handler that was there before (Python's
+    default raises KeyboardInterrupt): a save is never cut in half, and a Ctrl-C is never lost."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -63,8 +64,11 @@ def sigint_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if received and previous is signal.default_int_handler:
-            raise KeyboardInterrupt
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager

@@ -44,14 +44,47 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_exits_130(trained, tmp_path, monkeypatch):
     import store.atomic
     original = store.atomic.torch.save
+    saves = []
 
     def interrupted_save(obj, f):
+        saves.append(signal.getsignal(signal.SIGINT))
         signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives (in this thread) while the checkpoint is being written
         return original(obj, f)
 
-    monkeypatch.setattr(store.atomic.torch, "save", interrupted_save)
-    cfg = trained.write("ctrlc.yaml", output_dir=str(tmp_path / "run"))
-    proc = run_inprocess("main.py", "--config", cfg, check=False)
-    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a Python program's own Ctrl-C handling
+    try:
+        monkeypatch.setattr(store.atomic.torch, "save", interrupted_save)
+        cfg = trained.write("ctrlc.yaml", output_dir=str(tmp_path / "run"))
+        proc = run_inprocess("main.py", "--config", cfg, check=False)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    said = f"handler before {before!r}, saves {saves}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, said
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint-0.pth")).epoch == 0
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
+
+
+def test_a_ctrl_c_held_during_a_write_goes_to_the_handler_that_was_there_before(tmp_path):
+    """Not only Python's default: a program's own SIGINT handler gets the held Ctrl-C after the write
+    (once, with the file complete); an ignored SIGINT stays ignored."""
+    from store.atomic import atomic_write_text
+    got = []
+
+    def handler(signum, frame):
+        got.append((signum, (tmp_path / "a.txt").read_text()))
+
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        from store.atomic import atomic_file as original
+        atomic_write_text(str(tmp_path / "a.txt"), "old")
+        with original(str(tmp_path / "a.txt"), "w") as f:
+            f.write("new")
+            signal.raise_signal(signal.SIGINT)
+            assert got == []  # held while the write is open
+        assert got == [(signal.SIGINT, "new")]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with original(str(tmp_path / "b.txt"), "w") as f:
+            signal.raise_signal(signal.SIGINT)
+        assert got == [(signal.SIGINT, "new")] and (tmp_path / "b.txt").exists()
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -52,7 +52,8 @@ def _digits():
 
 def _sample_photos():
     """scikit-learn's two sample photographs as load_sample_images() reads them (sorted by name)."""
-    paths = sorted(glob.glob(os.path.join(_sklearn_file("images") or "/nonexistent", "*.jpg")))
+    folder = _sklearn_file("images")
+    paths = sorted(glob.glob(os.path.join(folder, "*.jpg"))) if folder else []
     if not paths:
         from sklearn.datasets import load_sample_images
         return load_sample_images().images

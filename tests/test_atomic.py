@@ -67,7 +67,7 @@ def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_exits_130(traine
 def test_a_ctrl_c_held_during_a_write_goes_to_the_handler_that_was_there_before(tmp_path):
     """Not only Python's default: a program's own SIGINT handler gets the held Ctrl-C after the write
     (once, with the file complete); an ignored SIGINT stays ignored."""
-    from store.atomic import atomic_write_text
+    from store.atomic import atomic_file, atomic_write_text
     got = []
 
     def handler(signum, frame):
@@ -75,15 +75,14 @@ def test_a_ctrl_c_held_during_a_write_goes_to_the_handler_that_was_there_before(
 
     before = signal.signal(signal.SIGINT, handler)
     try:
-        from store.atomic import atomic_file as original
         atomic_write_text(str(tmp_path / "a.txt"), "old")
-        with original(str(tmp_path / "a.txt"), "w") as f:
+        with atomic_file(str(tmp_path / "a.txt"), "w") as f:
             f.write("new")
             signal.raise_signal(signal.SIGINT)
             assert got == []  # held while the write is open
         assert got == [(signal.SIGINT, "new")]
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with original(str(tmp_path / "b.txt"), "w") as f:
+        with atomic_file(str(tmp_path / "b.txt"), "w") as f:
             signal.raise_signal(signal.SIGINT)
         assert got == [(signal.SIGINT, "new")] and (tmp_path / "b.txt").exists()
     finally:

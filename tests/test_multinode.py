@@ -1,4 +1,5 @@
 """Two torchrun nodes over localhost (each with its own cache folder): training, evaluation, a SIGTERM."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,15 +26,21 @@ def single(tmp_path_factory):
     t.two = t.write("two.yaml", train={"epochs": 1, "batch_size": 16})
     run_inprocess("main.py", "--config", t.one)
     t.eval_args = ["--pretrained_ldm_ckpt", str(t.tmp / "one" / "checkpoint-last.pth"), "--evaluate", "--no_plots"]
-    # One thread, as each node process: the LFDN's matrix products round alike only with the same threading.
+    with one_thread():
+        run_inprocess("test_mse_mfsim.py", *t.eval_args, "--pretrained_ldm_cfg", t.one, "--output_dir",
+                      str(t.tmp / "r1"))
+    return t
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One thread, as each node process: the LFDN's matrix products round alike only with the same threading."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_inprocess("test_mse_mfsim.py", *t.eval_args, "--pretrained_ldm_cfg", t.one, "--output_dir",
-                      str(t.tmp / "r1"))
+        yield
     finally:
         torch.set_num_threads(threads)
-    return t
 
 
 def cache_files(folder):
@@ -110,12 +117,8 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
 
     reference = t.write("long-one.yaml", output_dir=str(t.tmp / "full"), cache_dir=str(t.tmp / "A"),
                         train={"epochs": 7, "batch_size": 32, "save_every": 100})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each node process
-    try:
+    with one_thread():
         run_inprocess("main.py", "--config", reference)
-    finally:
-        torch.set_num_threads(threads)
     stopped = t.tmp / "stopped"
     outs, codes = two_nodes(stopped, stop_after_lines=2)
     assert all(c != 0 for c in codes)

@@ -79,20 +79,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_nodes(script: str, node_args, timeout: int = 300):
-    """Run ``script`` as two torchrun "nodes" of one process each over localhost, node i with
-    ``node_args[i]`` (so each node can have its own cache folder, as with per-node disks)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+def run_forked_ranks(script: str, rank_args, per_node: int = None, record: str = None, timeout: int = 300,
+                     check: bool = True) -> list:
+    """Run ``script``'s main() as len(rank_args) gloo ranks forked from this process, rank r with
+    ``rank_args[r]`` and the variables torchrun gives a rank (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); ``per_node`` ranks a node (default: all on one,
+    1: each rank its own node). torch and the library are already imported here, so a rank starts
+    in milliseconds instead of the seconds an interpreter and torchrun's agent take; the ranks run
+    the same code as under torchrun (tests that need the launcher itself use tools.torchrun).
+    ``record``: each rank's collectives appended to RECORD.rank<r> (tests/record_collectives).
+    Returns [Result] in rank order."""
+    import signal
+    import tempfile
+    import time
+    world = len(rank_args)
+    per_node = per_node or world
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--nnodes=2", f"--node_rank={i}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i, args in enumerate(node_args)]
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-        if p.returncode != 0:
-            raise AssertionError(f"node {i} exited {p.returncode}\nstderr:\n{err[-5000:]}")
-    return outs
+    folder = tempfile.mkdtemp(prefix="ranks-")
+    pids = []
+    for rank, args in enumerate(rank_args):
+        pid = os.fork()
+        if pid == 0:  # the rank: never returns
+            code = 1
+            try:
+                for fd, name in ((1, "out"), (2, "err")):
+                    os.dup2(os.open(os.path.join(folder, f"{rank}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                torch.set_num_threads(1)  # one thread a rank, as OMP_NUM_THREADS=1 gives a launched rank
+                os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % per_node),
+                                  LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                  CUDA_VISIBLE_DEVICES="")
+                if record:
+                    import runpy
+                    os.environ["RECORD_COLLECTIVES"] = record
+                    runpy.run_path(os.path.join(RECORDER, "sitecustomize.py"))
+                code = run_inprocess(script, *args, check=False, capture=False).returncode or 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else 1)
+        pids.append(pid)
+    codes, deadline = {}, time.time() + timeout
+    while len(codes) < world:
+        for pid in pids:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+        if time.time() > deadline:
+            for pid in pids:
+                if pid not in codes:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            raise AssertionError(f"{script}: the ranks ran past {timeout} s")
+        time.sleep(0.01)
+    results = []
+    for rank, pid in enumerate(pids):
+        out, err = (open(os.path.join(folder, f"{rank}.{name}"), errors="replace").read() for name in ("out", "err"))
+        results.append(Result(codes[pid], out, err))
+        if check and codes[pid] != 0:
+            raise AssertionError(f"{script} rank {rank} exited {codes[pid]}\nstderr:\n{err[-5000:]}")
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+    return results
 
 
 def write_release_checkpoint(path, lfdn_raw: dict, lfdn_ema: dict, backbone: dict = None, feature_dim: int = 720,
@@ -136,8 +192,9 @@ class Result:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def run_inprocess(script: str, *args: str, check: bool = True) -> Result:
-    """Run an entry script's main() through its error boundary in this process (no interpreter start-up)."""
+def run_inprocess(script: str, *args: str, check: bool = True, capture: bool = True) -> Result:
+    """Run an entry script's main() through its error boundary in this process (no interpreter start-up);
+    ``capture=False`` leaves stdout and stderr where they are (the Result's are then empty)."""
     import contextlib
     import importlib.util
     import io
@@ -148,7 +205,8 @@ def run_inprocess(script: str, *args: str, check: bool = True) -> Result:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (contextlib.redirect_stdout(out) if capture else contextlib.nullcontext()), \
+            (contextlib.redirect_stderr(err) if capture else contextlib.nullcontext()):
         try:
             run_entry(module.main, list(args))
         except SystemExit as e:
@@ -314,13 +372,18 @@ def collective_sequences(stem: str) -> list:
     return [open(f).read().splitlines() for f in sorted(glob.glob(glob.escape(stem) + ".rank*"))]
 
 
-def run_recorded(tmp_path, name: str, script: str, *args: str, ranks: int = 2, check: bool = True):
-    """Run ``script`` on ``ranks`` ranks with every collective recorded; return the sequence the ranks
-    issued, after asserting that it is the same on every rank."""
+def run_recorded(tmp_path, name: str, script: str, *args: str, ranks: int = 2, check: bool = True,
+                 torchrun: bool = False):
+    """Run ``script`` on ``ranks`` ranks (forked from this process, or under ``torchrun``) with every
+    collective recorded; return the sequence the ranks issued, after asserting that it is the same on
+    every rank."""
     stem = str(tmp_path / f"{name}.collectives")
-    proc = run_script(script, *args, torchrun=ranks, env=recording_env(stem), check=check)
+    if torchrun:
+        err = run_script(script, *args, torchrun=ranks, env=recording_env(stem), check=check).stderr
+    else:
+        err = run_forked_ranks(script, [args] * ranks, record=stem, check=check)[0].stderr
     seqs = collective_sequences(stem)
-    assert len(seqs) == ranks and seqs[0], f"no collectives recorded: {proc.stderr[-2000:]}"
+    assert len(seqs) == ranks and seqs[0], f"no collectives recorded: {err[-2000:]}"
     assert all(s == seqs[0] for s in seqs), "the ranks issued different collectives"
     return seqs[0]
 

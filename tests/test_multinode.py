@@ -1,4 +1,6 @@
-"""Two torchrun nodes over localhost (each with its own cache folder): training, evaluation, a SIGTERM."""
+"""Two nodes of one rank each over localhost, each with its own cache folder: training and evaluation
+(ranks forked with torchrun's variables, tests.helpers.run_forked_ranks), and a SIGTERM to one rank
+of a run launched by two torchrun agents."""
 import contextlib
 import os
 import signal
@@ -13,7 +15,7 @@ import torch
 from store.checkpoint import (
     load_checkpoint,
 )
-from tests.helpers import ROOT, Tiny, run_inprocess, run_two_nodes
+from tests.helpers import ROOT, Tiny, run_forked_ranks, run_inprocess
 
 
 
@@ -52,9 +54,9 @@ def test_training_on_two_nodes_when_one_node_holds_the_cache(single, holder):
     t = single
     empty = t.tmp / f"empty-train-{holder}"
     caches = [t.tmp / "A", empty] if holder == 0 else [empty, t.tmp / "A"]
-    outs = run_two_nodes("main.py", [["--config", t.two, "--cache_dir", str(c), "--output_dir",
-                                      str(t.tmp / f"two-{holder}-node{i}")] for i, c in enumerate(caches)])
-    assert "train features: 256 x 512 (from cache)" in outs[0][1]  # nobody extracted
+    outs = run_forked_ranks("main.py", [["--config", t.two, "--cache_dir", str(c), "--output_dir",
+                                         str(t.tmp / f"two-{holder}-node{i}")] for i, c in enumerate(caches)], per_node=1)
+    assert "train features: 256 x 512 (from cache)" in outs[0].stderr  # nobody extracted
     a = load_checkpoint(str(t.tmp / "one" / "checkpoint-last.pth"))
     b = load_checkpoint(str(t.tmp / f"two-{holder}-node0" / "checkpoint-last.pth"))
     assert a.ema["num_updates"] == b.ema["num_updates"] == 8
@@ -75,9 +77,9 @@ def test_evaluation_on_two_nodes_when_one_or_no_node_holds_the_cache(single, hol
     empty = t.tmp / f"empty-eval-{holder}"
     caches = {0: [t.tmp / "A", empty], 1: [empty, t.tmp / "A"], None: [empty, t.tmp / "B-empty"]}[holder]
     out = t.tmp / f"r2-{holder}"
-    run_two_nodes("test_mse_mfsim.py", [[*t.eval_args, "--pretrained_ldm_cfg", t.one, "--cache_dir", str(c),
-                                         "--output_dir", str(out if i == 0 else t.tmp / "unused")]
-                                        for i, c in enumerate(caches)])
+    run_forked_ranks("test_mse_mfsim.py", [[*t.eval_args, "--pretrained_ldm_cfg", t.one, "--cache_dir", str(c),
+                                            "--output_dir", str(out if i == 0 else t.tmp / "unused")]
+                                           for i, c in enumerate(caches)], per_node=1)
     for name in ("ID", "gauss", "photos"):
         assert np.array_equal(np.load(t.tmp / "r1" / "scores" / f"{name}.npy"), np.load(out / "scores" / f"{name}.npy"))
     assert len([n for n in cache_files(empty) if "-test-" in n]) == 3
@@ -85,7 +87,7 @@ def test_evaluation_on_two_nodes_when_one_or_no_node_holds_the_cache(single, hol
 
 def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_an_uninterrupted_one(single):
     """A preemption that reaches one rank only: the ranks agree (the request travels with the loss's
-    all-reduce), rank 0 writes checkpoint-last.pth, every rank exits 143; resumed on two nodes, the
+    all-reduce), rank 0 writes checkpoint-last.pth, every rank exits 143; resumed on two nodes (forked), the
     run ends with the weights of an uninterrupted run (one process at the same global batch: equal to
     the rounding of the ranks' sums, as in the training test above; the bit-for-bit resume of one
     process is test_training's, of a two-task job test_submitit_train's)."""
@@ -97,36 +99,33 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     t = single
     cfg = t.write("long.yaml", train={"epochs": 7, "batch_size": 16, "save_every": 100})
 
-    def two_nodes(out, *extra, stop_after_lines=None):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-        port = free_port()
-        procs = [subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--nnodes=2", f"--node_rank={i}",
-                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                   "main.py", "--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
-                                   str(out if i == 0 else t.tmp / f"{out.name}-node1"), *extra],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-        if stop_after_lines:
-            log, start = out / "log.txt", time.time()
-            while not (log.is_file() and len(log.read_text().splitlines()) >= stop_after_lines):
-                assert time.time() - start < 200 and procs[0].poll() is None, "the run ended before the signal"
-                time.sleep(0.05)
-            worker = next(c for c in psutil.Process(procs[1].pid).children(recursive=True) if "main.py" in c.cmdline())
-            worker.send_signal(signal.SIGTERM)
-        return [p.communicate(timeout=300) for p in procs], [p.returncode for p in procs]
-
     reference = t.write("long-one.yaml", output_dir=str(t.tmp / "full"), cache_dir=str(t.tmp / "A"),
                         train={"epochs": 7, "batch_size": 32, "save_every": 100})
     with one_thread():
         run_inprocess("main.py", "--config", reference)
     stopped = t.tmp / "stopped"
-    outs, codes = two_nodes(stopped, stop_after_lines=2)
-    assert all(c != 0 for c in codes)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--nnodes=2", f"--node_rank={i}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "main.py", "--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
+                               str(stopped if i == 0 else t.tmp / "stopped-node1")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    log, start = stopped / "log.txt", time.time()
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert time.time() - start < 200 and procs[0].poll() is None, "the run ended before the signal"
+        time.sleep(0.05)
+    worker = next(c for c in psutil.Process(procs[1].pid).children(recursive=True) if "main.py" in c.cmdline())
+    worker.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
     assert any("stopped: SIGTERM received" in err for _, err in outs), outs[1][1][-2000:]
     ck = load_checkpoint(str(stopped / "checkpoint-last.pth"))
     assert 1 <= ck.epoch < 6
-    outs, codes = two_nodes(stopped, "--resume", str(stopped / "checkpoint-last.pth"))
-    assert codes == [0, 0], outs[0][1][-2000:]
+    run_forked_ranks("main.py", [["--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
+                                  str(stopped if i == 0 else t.tmp / "stopped-node1"), "--resume",
+                                  str(stopped / "checkpoint-last.pth")] for i in range(2)], per_node=1)
     a = load_checkpoint(str(t.tmp / "full" / "checkpoint-last.pth"))
     b = load_checkpoint(str(stopped / "checkpoint-last.pth"))
     assert a.epoch == b.epoch == 6 and a.ema["num_updates"] == b.ema["num_updates"] == 7 * 8  # no step lost or repeated

@@ -1,7 +1,7 @@
 """submitit_train.py with submitit's local executor (the same job code as on Slurm, as processes here):
-a 2-task gloo job trains to the end; interrupted mid-epoch (a preemption's SIGTERM, or the SIGUSR2
-the executor sends before its time limit) it is requeued and ends with the uninterrupted run's
-weights; a finished run submitted again does nothing; a failing job is not requeued."""
+a 2-task gloo job interrupted mid-epoch (a preemption's SIGTERM, then the SIGUSR2 the executor sends
+before its time limit) is requeued, trains to the end and ends with the uninterrupted run's weights;
+a finished run submitted again does nothing; a failing job is not requeued."""
 import json
 import os
 import signal
@@ -39,30 +39,21 @@ def tasks_of(out):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """The settings of the jobs here, and one uninterrupted 2-task run of them."""
-    from tests.helpers import Tiny
+    """The settings of the jobs here, and the reference: the same run on two ranks, never interrupted
+    (forked ranks with torchrun's variables: main.py's code as in a job's tasks, without a job)."""
+    from tests.helpers import Tiny, run_forked_ranks
     t = Tiny(tmp_path_factory.mktemp("slurm"))
     t.config = t.write(train={"epochs": EPOCHS, "subset": 512, "batch_size": 32, "save_every": 100})
-    reference = t.tmp / "reference"
-    proc = launch(t, reference)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    t.reference = reference
-    t.reference_stdout = out
+    t.reference = t.tmp / "reference"
+    run_forked_ranks("main.py", [["--config", t.config, "--output_dir", str(t.reference)]] * 2)
     return t
 
 
-def test_a_two_task_job_trains_to_the_end(job):
-    assert "submitted training job" in job.reference_stdout and "complete" in job.reference_stdout
-    ck = load_checkpoint(str(job.reference / "checkpoint-last.pth"))
-    assert ck.epoch == EPOCHS - 1 and ck.world_size == 2 and not ck.in_progress
-    first_job = job.reference_stdout.split("submitted training job ")[1].split(":")[0]
-    assert (job.tmp / "reference-jobs" / first_job / f"{first_job}_1_log.err").is_file()  # a log per task
-
-
-def test_an_interrupted_job_is_requeued_and_ends_with_the_weights_of_an_uninterrupted_one(job):
-    """Interrupted twice: a preemption's SIGTERM inside epoch 2, then the SIGUSR2 that Slurm (and the
-    local executor) sends before the time limit inside epoch 4 of the requeued job."""
+@pytest.fixture(scope="module")
+def interrupted(job):
+    """A 2-task job interrupted twice: a preemption's SIGTERM inside epoch 2, then the SIGUSR2 that
+    Slurm (and the local executor) sends before the time limit inside epoch 4 of the requeued job.
+    Returns (its run folder, the launcher's stdout)."""
     out = job.tmp / "stopped"
     proc = launch(job, out)
     log, start = out / "log.txt", time.time()
@@ -74,27 +65,37 @@ def test_an_interrupted_job_is_requeued_and_ends_with_the_weights_of_an_uninterr
             task.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "complete" in stdout, stderr[-3000:]
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return out, stdout
+
+
+def test_an_interrupted_job_is_requeued_and_ends_with_the_weights_of_an_uninterrupted_one(job, interrupted):
+    out, stdout = interrupted
+    assert "submitted training job" in stdout
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     requeues = [line for line in lines if "requeue" in line]
     assert [r["requeue"] for r in requeues] == [1, 2]  # one line per requeue
     assert "SIGTERM received" in requeues[0]["reason"] and "SIGUSR2 received" in requeues[1]["reason"]
     assert [line["epoch"] for line in lines if "epoch" in line] == list(range(EPOCHS))  # each epoch once
     a, b = (load_checkpoint(str(folder / "checkpoint-last.pth")) for folder in (job.reference, out))
     assert b.run_id == requeues[0]["run_id"] == requeues[1]["run_id"] and b.epoch == EPOCHS - 1
+    assert b.world_size == 2 and not b.in_progress
     for name, w in a.model.items():
         assert torch.equal(w, b.model[name]), name  # bit for bit
     assert all(torch.equal(a.ema["weights"][k], b.ema["weights"][k]) for k in a.ema["weights"])
+    first_job = stdout.split("submitted training job ")[1].split(":")[0]
+    assert (job.tmp / "stopped-jobs" / first_job / f"{first_job}_1_log.err").is_file()  # a log per task
 
 
-def test_a_finished_run_submitted_again_does_nothing_and_says_so(job):
-    before = (job.reference / "checkpoint-last.pth").stat().st_mtime_ns
-    proc = launch(job, job.reference)
+def test_a_finished_run_submitted_again_does_nothing_and_says_so(job, interrupted):
+    out, _ = interrupted
+    before = (out / "checkpoint-last.pth").stat().st_mtime_ns
+    proc = launch(job, out)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "complete" in stdout, stderr[-3000:]
     job_id = stdout.split("submitted training job ")[1].split(":")[0]
-    log = (job.tmp / "reference-jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    log = (job.tmp / "stopped-jobs" / job_id / f"{job_id}_0_log.err").read_text()
     assert "the run is complete; nothing to train" in log and "requeueing" not in log
-    assert (job.reference / "checkpoint-last.pth").stat().st_mtime_ns == before
+    assert (out / "checkpoint-last.pth").stat().st_mtime_ns == before
 
 
 def test_a_failing_job_is_not_requeued_and_its_error_is_in_its_log(job):

@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
 import utils.loader as loader
 from experiment.config import load_config
@@ -100,3 +101,30 @@ def test_the_loader_sizes_its_workers_by_the_bytes_of_one_decoded_batch(monkeypa
     assert asked == [(3, 16 * 224 * 224 * 3, 2)] and made.num_workers == 1  # uint8 RGB: 3 bytes a pixel
     loader.image_loader(list(range(8)), 16, 0, 224)
     assert len(asked) == 1  # no workers, nothing to size
+
+
+class _Failing:
+    """Four items; the third cannot be read (as a broken image file)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise ValueError("cannot read item 2")
+        return i
+
+
+def test_an_error_or_a_loop_left_early_ends_the_workers_at_once(monkeypatch):
+    """Not when the iterator is collected: an error's traceback keeps it, collected later its queues
+    may be gone, the workers (deaf to SIGTERM) stayed until exit and each cost a 5 s join."""
+    import multiprocessing
+    monkeypatch.setattr(multiprocessing.process, "_children", set())  # ours only
+    with pytest.raises(ValueError, match="item 2") as caught:
+        for _ in loader.decoded(loader.image_loader(_Failing(), 1, 2)):
+            pass
+    assert caught.value.__traceback__ is not None and multiprocessing.active_children() == []
+    for n, _ in enumerate(loader.decoded(loader.image_loader(list(range(100)), 1, 2))):
+        if n == 3:
+            break  # the generator is closed when the loop leaves it
+    assert multiprocessing.active_children() == []

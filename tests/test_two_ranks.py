@@ -1,11 +1,12 @@
-"""Two ranks under torchrun (gloo) with every collective recorded (tests/record_collectives): the
-ranks issue the same sequence and equal one process."""
+"""Two gloo ranks (forked with torchrun's variables, tests.helpers.run_forked_ranks) with every
+collective recorded (tests/record_collectives): the ranks issue the same sequence and equal one
+process; and one rank under tools.torchrun itself."""
 import csv
 
 import numpy as np
 import pytest
 
-from tests.helpers import Tiny, run_inprocess, run_recorded, run_script, save_digits
+from tests.helpers import Tiny, run_forked_ranks, run_inprocess, run_recorded, save_digits
 
 
 
@@ -72,8 +73,8 @@ def test_predict_on_two_ranks_over_several_chunks_equals_one_process(trained, tm
     # A backbone batch of 6 that does not divide the reconstruction batch of 8: chunks of lcm = 24 files
     # (24, 13): rank 0 writes the first, rank 1 the second, and the merge reads them back in 24s.
     sizes = ["--batch_size", "8", "--opt", "extract_batch_size=6"]
-    run_script("predict.py", "--checkpoint", ckpt, "--images", str(folder), "--output", str(tmp_path / "two.csv"),
-               *sizes, "--cache_dir", str(tmp_path / "c"), torchrun=2)
+    run_forked_ranks("predict.py", [["--checkpoint", ckpt, "--images", str(folder), "--output", str(tmp_path / "two.csv"),
+                                     *sizes, "--cache_dir", str(tmp_path / "c")]] * 2)
     run_inprocess("predict.py", "--checkpoint", ckpt, "--images", str(folder), "--output", str(tmp_path / "one.csv"),
                   *sizes, "--cache_dir", str(tmp_path / "c"))
     one, two = (list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("one", "two"))

@@ -83,7 +83,15 @@ def decoded(loader: DataLoader):
     try:
         yield from batches
     finally:
-        del batches  # an error, here or in the caller's loop, closes the workers now (not when collected)
+        # An error (here or in the caller's loop) or a loop left early ends the workers now. Not when the
+        # iterator is collected: the error's traceback keeps it alive, and collected later, with the
+        # traceback's reference cycle, its queues may be gone first; the workers never hear that they
+        # are done, the loader's join waits 5 s for each and its SIGTERM (ignored here) leaves them
+        # running until the process exits.
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+        del batches
 
 
 def image_loader(dataset, batch_size: int, num_workers: int, image_size: int = 0, *, pin_memory: bool = False,

@@ -4,7 +4,6 @@ import gzip
 import json
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -48,14 +47,20 @@ def independent_knn(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
     return np.sort(d, axis=1)[:, k - 1]
 
 
-def _fmnist_torchvision_layout(root) -> str:
-    """Debian's Fashion-MNIST files unpacked into torchvision's FashionMNIST/raw layout."""
+def _fmnist_torchvision_layout(root, keep: int = 2000) -> str:
+    """The first ``keep`` images (and labels) of each of Debian's Fashion-MNIST files, unpacked into
+    torchvision's FashionMNIST/raw layout (IDX: a big-endian header of 4-byte counts, then bytes)."""
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     for name in os.listdir(DEBIAN_FASHION_MNIST):
-        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
-                open(os.path.join(raw, name[:-3]), "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src:
+            data = src.read()
+        dims = data[3]  # 1: labels, 3: images (count, rows, columns)
+        shape = np.frombuffer(data[4:4 + 4 * dims], ">u4").copy()
+        item = int(np.prod(shape[1:]))
+        shape[0] = min(keep, shape[0])
+        with open(os.path.join(raw, name[:-3]), "wb") as dst:
+            dst.write(data[:4] + shape.astype(">u4").tobytes() + data[4 + 4 * dims:4 + 4 * dims + int(shape[0]) * item])
     return root
 
 
@@ -212,8 +217,10 @@ def test_pytorch_ood_benchmark_gives_the_evaluation_scripts_auroc(trained, detec
     out = tmp_path / "eval"
     run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
                   "--pretrained_ldm_cfg", trained.config, "--dataset", "fashion-mnist@0",
-                  "--ood", "shirt=fashion-mnist@6", "--no_plots", "--output_dir", str(out))
-    ours = json.loads((out / "results.json").read_text())["metrics"]["MFsim"]["shirt"]["AUROC"]
+                  "--ood", "shirt=fashion-mnist@6", "--no_plots", "--output_dir", str(out), "--data_path", root)
+    results = json.loads((out / "results.json").read_text())
+    assert [results["sets"][n]["images"] for n in ("ID", "shirt")] == [200, 197]  # the first 2000's, as above
+    ours = results["metrics"]["MFsim"]["shirt"]["AUROC"]
     assert result[0]["Dataset"] == "shirt"
     assert result[0]["AUROC"] == pytest.approx(ours, abs=0.0005)  # 0.05 AUROC points
 

@@ -193,6 +193,34 @@ def test_local_weights_file_is_used(tmp_path):
     assert torch.equal(b.backbone._bn0.bias, sd["_bn0.bias"])
 
 
+def test_a_weights_file_is_read_once_while_unchanged_and_again_when_replaced_or_rewritten(tmp_path, monkeypatch):
+    import os
+
+    import models.backbones.base as base
+    sd = MultiLayerFeatures("efficientnet-lite0").backbone.state_dict()
+    path = tmp_path / "w.pth"
+    torch.save({k: v + (1.0 if k == "_bn0.bias" else 0) for k, v in sd.items()}, path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(base.torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    first = MultiLayerFeatures("efficientnet-lite0", weights=str(path))
+    second = MultiLayerFeatures("efficientnet-lite0", weights=str(path))
+    assert len(reads) == 1 and torch.equal(second.backbone._bn0.bias, sd["_bn0.bias"] + 1)
+    second.backbone._bn0.bias.data += 5  # a network's own weights are its copy
+    assert torch.equal(MultiLayerFeatures("efficientnet-lite0", weights=str(path)).backbone._bn0.bias,
+                       first.backbone._bn0.bias)
+    torch.save({k: v + (2.0 if k == "_bn0.bias" else 0) for k, v in sd.items()}, tmp_path / "new.pth")
+    os.replace(tmp_path / "new.pth", path)  # another file under the same name
+    assert torch.equal(MultiLayerFeatures("efficientnet-lite0", weights=str(path)).backbone._bn0.bias,
+                       sd["_bn0.bias"] + 2)
+    with open(path, "r+b") as f:  # the same file rewritten in place, same size
+        torch.save({k: v + (3.0 if k == "_bn0.bias" else 0) for k, v in sd.items()}, f)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+    assert torch.equal(MultiLayerFeatures("efficientnet-lite0", weights=str(path)).backbone._bn0.bias,
+                       sd["_bn0.bias"] + 3)
+    assert len(reads) == 3
+
+
 def test_b4_features_equal_the_release_arithmetic_to_the_last_bit():
     f = calibrated("efficientnet-b4")
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))

@@ -71,12 +71,7 @@ class Backbone:
         if path is None:
             self.download(net)
             return net, "download"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {e}".splitlines()[0]) \
-                from None
-        load_used(net, state, None, path)
+        load_used(net, read_weights(path), None, path)
         return net, path
 
     def find_local(self) -> Optional[str]:
@@ -101,6 +96,26 @@ class Backbone:
 
     def fetch(self, net: nn.Module) -> None:
         raise RuntimeError("no download for this backbone")
+
+
+_read = {}  # the last weights file read in this process: {(path, inode, size, mtime): its state dict}
+
+
+def read_weights(path: str):
+    """The object in the weights file ``path``, read once per process while the file is unchanged (a
+    detector next to its baselines, or an evaluation after a training, builds the same backbone
+    several times); only ``load_state_dict`` copies from it, so it is shared, never changed."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _read:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {e}".splitlines()[0]) \
+                from None
+        _read.clear()  # one file held: a process uses one backbone
+        _read[key] = state
+    return _read[key]
 
 
 def load_used(net: nn.Module, state, used: Optional[set], source: str) -> None:

@@ -89,33 +89,44 @@ def run_forked_ranks(script: str, rank_args, per_node: int = None, record: str =
     the same code as under torchrun (tests that need the launcher itself use tools.torchrun).
     ``record``: each rank's collectives appended to RECORD.rank<r> (tests/record_collectives).
     Returns [Result] in rank order."""
+    world = len(rank_args)
+    per_node = per_node or world
+    port = str(free_port())
+    envs = [dict(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r % per_node), LOCAL_WORLD_SIZE=str(per_node),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **({"RECORD_COLLECTIVES": record} if record else {}))
+            for r in range(world)]
+    return _forked(script, rank_args, envs, timeout, check)
+
+
+def run_forked(script: str, *args: str, check: bool = True, timeout: int = 300) -> "Result":
+    """Run ``script``'s main() in one process forked from this one: another process (for a lock this
+    one holds), without an interpreter's start-up."""
+    return _forked(script, [args], [{}], timeout, check)[0]
+
+
+def _forked(script: str, arg_lists, envs, timeout: int, check: bool) -> list:
+    import shutil
     import signal
     import tempfile
     import time
-    world = len(rank_args)
-    per_node = per_node or world
-    port = free_port()
-    folder = tempfile.mkdtemp(prefix="ranks-")
+    folder = tempfile.mkdtemp(prefix="forked-")
     pids = []
-    for rank, args in enumerate(rank_args):
+    for n, (args, env) in enumerate(zip(arg_lists, envs)):
         pid = os.fork()
-        if pid == 0:  # the rank: never returns
+        if pid == 0:  # the child: never returns
             code = 1
             try:
                 for fd, name in ((1, "out"), (2, "err")):
-                    os.dup2(os.open(os.path.join(folder, f"{rank}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
+                    os.dup2(os.open(os.path.join(folder, f"{n}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
                 for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                torch.set_num_threads(1)  # one thread a rank, as OMP_NUM_THREADS=1 gives a launched rank
-                os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % per_node),
-                                  LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                  CUDA_VISIBLE_DEVICES="")
-                if record:
+                torch.set_num_threads(1)  # one thread a process, as OMP_NUM_THREADS=1 gives a launched rank
+                os.environ.update(CUDA_VISIBLE_DEVICES="", **env)
+                if "RECORD_COLLECTIVES" in env:
                     import runpy
-                    os.environ["RECORD_COLLECTIVES"] = record
                     runpy.run_path(os.path.join(RECORDER, "sitecustomize.py"))
                 code = run_inprocess(script, *args, check=False, capture=False).returncode or 0
             except BaseException:
@@ -127,7 +138,7 @@ def run_forked_ranks(script: str, rank_args, per_node: int = None, record: str =
                 os._exit(code if isinstance(code, int) else 1)
         pids.append(pid)
     codes, deadline = {}, time.time() + timeout
-    while len(codes) < world:
+    while len(codes) < len(pids):
         for pid in pids:
             if pid not in codes:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -138,15 +149,14 @@ def run_forked_ranks(script: str, rank_args, per_node: int = None, record: str =
                 if pid not in codes:
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
-            raise AssertionError(f"{script}: the ranks ran past {timeout} s")
+            raise AssertionError(f"{script}: ran past {timeout} s")
         time.sleep(0.01)
     results = []
-    for rank, pid in enumerate(pids):
-        out, err = (open(os.path.join(folder, f"{rank}.{name}"), errors="replace").read() for name in ("out", "err"))
+    for n, pid in enumerate(pids):
+        out, err = (open(os.path.join(folder, f"{n}.{name}"), errors="replace").read() for name in ("out", "err"))
         results.append(Result(codes[pid], out, err))
         if check and codes[pid] != 0:
-            raise AssertionError(f"{script} rank {rank} exited {codes[pid]}\nstderr:\n{err[-5000:]}")
-    import shutil
+            raise AssertionError(f"{script} (process {n}) exited {codes[pid]}\nstderr:\n{err[-5000:]}")
     shutil.rmtree(folder, ignore_errors=True)
     return results
 
@@ -242,16 +252,16 @@ def digits_uint8():
     return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
 
 
-def evaluate(t, out, *extra, script="test_mse_mfsim.py", check=True, torchrun=0, subprocess=False, threads=0):
-    """Run an evaluation script; in this process unless ``subprocess`` or ``torchrun`` (then as a user would)."""
+def evaluate(t, out, *extra, script="test_mse_mfsim.py", check=True, forked=False):
+    """Run an evaluation script in this process (plots off), or with plots in a ``forked`` process."""
     if script == "test_mse_mfsim.py":
         ckpt = ["--pretrained_ldm_ckpt", str(t.ckpt / "checkpoint-last.pth")]
     else:
         ckpt = ["--pretrained_ldm_ckpt_first", str(t.ckpt / "checkpoint-0.pth"),
                 "--pretrained_ldm_ckpt_end", str(t.ckpt / "checkpoint-last.pth")]
     args = [*ckpt, "--pretrained_ldm_cfg", t.config, "--evaluate", "--output_dir", str(out), *extra]
-    if subprocess or torchrun:
-        return run_script(script, *args, check=check, torchrun=torchrun, threads=threads)
+    if forked:
+        return run_forked(script, *args, check=check)
     return run_inprocess(script, *args, "--no_plots", check=check)
 
 
@@ -372,16 +382,11 @@ def collective_sequences(stem: str) -> list:
     return [open(f).read().splitlines() for f in sorted(glob.glob(glob.escape(stem) + ".rank*"))]
 
 
-def run_recorded(tmp_path, name: str, script: str, *args: str, ranks: int = 2, check: bool = True,
-                 torchrun: bool = False):
-    """Run ``script`` on ``ranks`` ranks (forked from this process, or under ``torchrun``) with every
-    collective recorded; return the sequence the ranks issued, after asserting that it is the same on
-    every rank."""
+def run_recorded(tmp_path, name: str, script: str, *args: str, ranks: int = 2, check: bool = True):
+    """Run ``script`` on ``ranks`` forked ranks with every collective recorded; return the sequence the
+    ranks issued, after asserting that it is the same on every rank."""
     stem = str(tmp_path / f"{name}.collectives")
-    if torchrun:
-        err = run_script(script, *args, torchrun=ranks, env=recording_env(stem), check=check).stderr
-    else:
-        err = run_forked_ranks(script, [args] * ranks, record=stem, check=check)[0].stderr
+    err = run_forked_ranks(script, [args] * ranks, record=stem, check=check)[0].stderr
     seqs = collective_sequences(stem)
     assert len(seqs) == ranks and seqs[0], f"no collectives recorded: {err[-2000:]}"
     assert all(s == seqs[0] for s in seqs), "the ranks issued different collectives"

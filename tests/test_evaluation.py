@@ -26,8 +26,8 @@ from tests.helpers import (
     brute_knn,
     error_line,
     evaluate,
+    run_forked,
     run_inprocess,
-    run_script,
     scorer_for,
     try_evaluate,
     write_release_checkpoint,
@@ -75,7 +75,7 @@ def test_baselines_and_groups_in_an_evaluation(trained, tmp_path):
 
 def test_mse_mfsim_outputs_match_metrics_recomputed_from_saved_scores(trained):
     out = trained.tmp / "res"
-    proc = evaluate(trained, out, "--similarity_type", "MFsim", "--save_features", subprocess=True)
+    proc = evaluate(trained, out, "--similarity_type", "MFsim", "--save_features", forked=True)
     for f in ("results.md", "results.json", "results.csv", "scores/ID.npy", "scores/gauss.npy", "scores/photos.npy",
               "features/ID.npy", "roc_MFsim.png", "hist_MFsim.png"):
         assert (out / f).is_file(), f
@@ -205,7 +205,7 @@ def test_two_of_our_own_runs_contend_for_an_evaluation_folder(trained, tmp_path)
     from store.report import output_lock
     out = tmp_path / "res"
     with output_lock(str(out)):  # this process holds our lock; another process asks for it
-        proc = run_script("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
+        proc = run_forked("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
                           "--pretrained_ldm_cfg", trained.config, "--output_dir", str(out), check=False)
     assert proc.returncode == 2 and "is in use by another run" in proc.stderr.strip().splitlines()[-1]
 

@@ -22,8 +22,8 @@ from tests.helpers import (
     digits_uint8,
     last,
     predict,
+    run_forked,
     run_inprocess,
-    run_script,
     save_digits,
     scorer_for,
 )
@@ -279,7 +279,7 @@ def test_predict_output_checked_before_work_locked_and_parts_unique(trained, tmp
     assert r16[1:3] == r8[1:3] and r16[4] == ""  # the 16-bit image scores as its 8-bit high byte does
     from store.rundir import lock_beside
     with lock_beside(str(tmp_path / "new" / "deeper" / "p.csv"), "held"):  # our own lock, held by this process
-        proc = run_script("predict.py", *args, "--output", str(tmp_path / "new" / "deeper" / "p.csv"), check=False)
+        proc = run_forked("predict.py", *args, "--output", str(tmp_path / "new" / "deeper" / "p.csv"), check=False)
     assert proc.returncode == 2 and "is in use by another run" in proc.stderr.strip().splitlines()[-1]
 
 

@@ -227,6 +227,10 @@ def submit(argv: Optional[List[str]] = None) -> dict:
     if ours.cluster == "local" and ours.nodes != 1:
         raise UserError("--cluster local runs on this machine: --nodes 1")
     tasks = ours.tasks_per_node or max(1, ours.gpus_per_node)
+    done = complete_run(cfg, ours.nodes * tasks)
+    if done:
+        print(f"nothing submitted: {done}", flush=True)
+        return {}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
     from submitit_train import Evaluation, Training  # pickled by name: the tasks import this module
     ex = executor(ours, ours.job_dir, tasks)
@@ -252,6 +256,22 @@ def submit(argv: Optional[List[str]] = None) -> dict:
         print(f"submitted evaluation job {evaluation.job_id}, after job {job.job_id} ends well: results beside "
               f"{cfg.output_dir}")
     return out
+
+
+def complete_run(cfg, world_size: int) -> Optional[str]:
+    """Why no job is needed: the output folder holds this run (as main.py --resume auto decides), and
+    it is complete; None otherwise (the job decides, and checks again when it starts)."""
+    from types import SimpleNamespace
+
+    from engine.training import completion
+    from experiment.run import resume_differences
+    from store.checkpoint import peek
+    last = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+    held = peek(last)
+    if held is None or resume_differences(cfg, world_size, SimpleNamespace(config=held.get("config"),
+                                                                         world_size=held.get("world_size"))):
+        return None
+    return completion(cfg, last, held.get("epoch"), held.get("in_progress"))
 
 
 def waited(job) -> str:

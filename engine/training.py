@@ -291,10 +291,19 @@ def build_trainer(cfg: Config, ctx: DistContext, resume: Optional[str] = None, i
 
 def check_complete(cfg: Config, ck: LoadedCheckpoint) -> None:
     """RunComplete when ``ck`` holds the last epoch ``cfg`` asks for (or a later one)."""
-    if not ck.in_progress and ck.epoch is not None and ck.epoch + 1 >= cfg.train.epochs:
-        raise RunComplete(f"{ck.path} holds epoch {ck.epoch} of a run of {ck.epoch + 1} epoch(s): the run is "
-                          f"complete{'' if ck.epoch + 1 == cfg.train.epochs else f' (--epochs {cfg.train.epochs} asks for fewer)'}; "
-                          f"nothing to train (--epochs N with N > {ck.epoch + 1} continues it)")
+    why = completion(cfg, ck.path, ck.epoch, ck.in_progress)
+    if why:
+        raise RunComplete(why)
+
+
+def completion(cfg: Config, path: str, epoch: Optional[int], in_progress) -> Optional[str]:
+    """The line saying that the run whose checkpoint ``path`` holds ``epoch`` (``in_progress``: saved
+    inside it) is complete for ``cfg``; None when ``cfg`` asks for more (or the save is mid-epoch)."""
+    if in_progress or epoch is None or epoch + 1 < cfg.train.epochs:
+        return None
+    return (f"{path} holds epoch {epoch} of a run of {epoch + 1} epoch(s): the run is "
+            f"complete{'' if epoch + 1 == cfg.train.epochs else f' (--epochs {cfg.train.epochs} asks for fewer)'}; "
+            f"nothing to train (--epochs N with N > {epoch + 1} continues it)")
 
 
 class RunComplete(Exception):

@@ -86,16 +86,52 @@ def test_an_interrupted_job_is_requeued_and_ends_with_the_weights_of_an_uninterr
     assert (job.tmp / "stopped-jobs" / first_job / f"{first_job}_1_log.err").is_file()  # a log per task
 
 
-def test_a_finished_run_submitted_again_does_nothing_and_says_so(job, interrupted):
+def test_a_finished_run_submitted_again_is_not_submitted_and_a_job_that_finds_it_complete_does_nothing(
+        job, interrupted, tmp_path, monkeypatch):
     out, _ = interrupted
     before = (out / "checkpoint-last.pth").stat().st_mtime_ns
+    jobs = sorted(os.listdir(job.tmp / "stopped-jobs"))
     proc = launch(job, out)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "complete" in stdout, stderr[-3000:]
-    job_id = stdout.split("submitted training job ")[1].split(":")[0]
-    log = (job.tmp / "stopped-jobs" / job_id / f"{job_id}_0_log.err").read_text()
-    assert "the run is complete; nothing to train" in log and "requeueing" not in log
+    assert proc.returncode == 0 and stdout.startswith("nothing submitted: ") and "the run is complete" in stdout, \
+        stderr[-3000:]
+    assert sorted(os.listdir(job.tmp / "stopped-jobs")) == jobs  # no job
+    # Not the same run (another effective batch, or more epochs asked): submitted, as a job decides it.
+    from submitit_train import complete_run, training_config
+    for flags in (["--batch_size", "16"], ["--epochs", str(EPOCHS + 1)]):
+        _, cfg = training_config(["--config", job.config, "--output_dir", str(out), *flags])
+        assert complete_run(cfg, 2) is None, flags
+    _, cfg = training_config(["--config", job.config, "--output_dir", str(out)])
+    assert complete_run(cfg, 1) is None and "the run is complete" in complete_run(cfg, 2)  # 1 task: another batch
     assert (out / "checkpoint-last.pth").stat().st_mtime_ns == before
+
+
+def test_a_job_that_finds_its_run_complete_when_it_starts_trains_nothing(trained, tmp_path, monkeypatch, capsys):
+    """(Completed after the submission, e.g. by an earlier job.) The job's code in this process, one task."""
+    import shutil
+    import types
+
+    import submitit
+
+    from submitit_train import Training
+    run = tmp_path / "run"
+    shutil.copytree(trained.ckpt, run)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".lock"}
+    env = types.SimpleNamespace(num_tasks=1, num_nodes=1, job_id="complete-test", global_rank=0, local_rank=0,
+                                hostnames=["127.0.0.1"])
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: env)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # put back after the test (the job sets them)
+    monkeypatch.setattr("utils.distributed.launched", lambda: False)  # no process group of one in this process
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        assert Training(["--config", trained.config, "--output_dir", str(run)], str(run))() == "complete"
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in handlers)  # a late signal requeues nothing
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "the run is complete; nothing to train" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".lock"} == before  # the lock's pid aside
 
 
 def test_a_failing_job_is_not_requeued_and_its_error_is_in_its_log(job):

@@ -159,6 +159,21 @@ def test_the_launcher_checks_its_flags_and_mains_before_submitting(tiny, tmp_pat
     assert not (tmp_path / "j").exists()  # nothing submitted
 
 
+def test_what_the_launcher_cannot_read_as_a_complete_run_goes_to_the_job(trained, tmp_path):
+    """A garbage checkpoint-last.pth, an empty folder, a folder that does not exist: submitted (the
+    job's own --resume auto says what is wrong); the finished run itself: not."""
+    from submitit_train import complete_run, training_config
+    _, cfg = training_config(["--config", trained.config, "--output_dir", str(trained.ckpt)])
+    assert "the run is complete" in complete_run(cfg, 1)
+    for folder in (tmp_path / "garbage", tmp_path / "empty", tmp_path / "none"):
+        if folder.name != "none":
+            folder.mkdir()
+        if folder.name == "garbage":
+            (folder / "checkpoint-last.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+        _, cfg = training_config(["--config", trained.config, "--output_dir", str(folder)])
+        assert complete_run(cfg, 1) is None, folder.name
+
+
 def test_the_slurm_executor_gets_the_clusters_settings(tmp_path, monkeypatch):
     """What the job asks Slurm for (no Slurm here: the executor's parameters, as submitit writes them)."""
     import submitit.slurm.slurm

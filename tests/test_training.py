@@ -501,6 +501,17 @@ def test_lr_schedule_per_iteration(tiny):
 
 # ------------------------------------------------------------------ one folder, one run (issue 35)
 
+def test_a_run_is_complete_at_its_last_epoch_saved_whole_and_not_before(tiny):
+    from engine.training import completion
+    cfg = load_config(tiny.write(train={"epochs": 3}))
+    assert completion(cfg, "c.pth", 1, None) is None  # one epoch to go
+    assert completion(cfg, "c.pth", 2, {"step": 4}) is None  # saved inside its last epoch
+    assert completion(cfg, "c.pth", None, None) is None
+    line = completion(cfg, "c.pth", 2, None)
+    assert line.startswith("c.pth holds epoch 2 of a run of 3 epoch(s): the run is complete;") and "fewer" not in line
+    assert "(--epochs 3 asks for fewer)" in completion(cfg, "c.pth", 4, None)
+
+
 def test_resume_auto_starts_continues_or_refuses_by_what_the_folder_holds(tiny):
     cfg = tiny.write(train={"epochs": 1})
     proc = run_inprocess("main.py", "--config", cfg, "--resume", "auto")

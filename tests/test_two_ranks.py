@@ -40,6 +40,9 @@ def test_two_rank_evaluation_with_layer_norm_and_draws_equals_one_process(ranked
         seq = run_recorded(t.tmp, f"eval-{warm}", "test_mse_mfsim.py", *common, "--cache_dir",
                            str(t.tmp / ("warm" if warm else "cold")), "--output_dir", str(t.tmp / f"e2-{warm}"))
         assert any(line.startswith("all_gather") for line in seq) != warm  # extraction only when cold
+        # the ranks split each set's reconstruction batches and sum their rows: (images, scores) in float64
+        assert [line for line in seq if line.endswith("torch.float64")] == \
+            ["all_reduce (178, 2) torch.float64", "all_reduce (20, 2) torch.float64"], seq
         for name in ("ID", "few"):
             one = np.load(t.tmp / "e1" / "scores" / f"{name}.npy")
             two = np.load(t.tmp / f"e2-{warm}" / "scores" / f"{name}.npy")

@@ -44,6 +44,20 @@ def test_same_seed_same_scores_other_seed_other_scores(trained):
     assert not np.array_equal(a["MFsim"], c["MFsim"])
 
 
+def test_each_batch_is_scored_once_none_empty_and_a_bar_only_with_a_description(trained, monkeypatch, capsys):
+    cfg = load_config(trained.config)
+    cfg.eval.batch_size, cfg.eval.noise_draws = 8, 2
+    scorer = scorer_for(cfg, CPU, {"end": trained.ckpt / "checkpoint-last.pth"})
+    sizes, real = [], scorer._draw_scores
+    monkeypatch.setattr(scorer, "_draw_scores", lambda z, k, role, draw: sizes.append((len(z), draw)) or real(z, k, role, draw))
+    z = torch.randn(20, scorer.extractor.feature_dim)
+    scores = scorer.reconstruction_scores(z, torch.arange(20), "end", desc="")
+    assert sizes == [(8, 0), (8, 1), (8, 0), (8, 1), (4, 0), (4, 1)]  # 3 batches of 20 by 8, each draw once
+    assert capsys.readouterr().err == "" and all(v.shape == (20,) for v in scores.values())
+    scorer.reconstruction_scores(z[:3], torch.arange(3), "end", desc="few: ")
+    assert "few: " in capsys.readouterr().err  # with a description, a bar
+
+
 def test_to_moves_every_piece_of_scoring_state(tiny):
     det = DLSRDetector(tiny.write(train={"epochs": 1, "subset": 64}, eval={"layer_norm": True}))
     z = torch.randn(64, 512)

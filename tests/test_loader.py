@@ -101,6 +101,8 @@ def test_the_loader_sizes_its_workers_by_the_bytes_of_one_decoded_batch(monkeypa
     assert asked == [(3, 16 * 224 * 224 * 3, 2)] and made.num_workers == 1  # uint8 RGB: 3 bytes a pixel
     loader.image_loader(list(range(8)), 16, 0, 224)
     assert len(asked) == 1  # no workers, nothing to size
+    loader.image_loader(list(range(8)), 16, 3, 224)
+    assert asked[-1] == (3, 16 * 224 * 224 * 3, 1)  # unless told otherwise, this process has /dev/shm to itself
 
 
 class _Failing:

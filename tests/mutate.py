@@ -45,6 +45,8 @@ COLLECTIVES = {"barrier", "all_reduce", "all_reduce_sum", "all_reduce_mean", "br
                "use_device", "set_device", "on_device"}
 DEVICE_MOVES = {"to", "cuda", "cpu", "on_device"}
 KINDS = ("operator", "mistake")
+SYMMETRIC = {"max", "min", "gcd", "lcm", "hypot", "isclose", "allclose", "equal", "array_equal", "same_file",
+             "samefile"}  # calls whose first two arguments commute: a swap is no mistake
 
 
 class Site:
@@ -121,7 +123,7 @@ def sites(tree: ast.AST) -> list:
         if isinstance(node, ast.Call):
             positional = [a for a in node.args if not isinstance(a, ast.Starred)]
             if len(positional) >= 2 and len(positional) == len(node.args) and \
-                    ast.dump(positional[0]) != ast.dump(positional[1]):
+                    ast.dump(positional[0]) != ast.dump(positional[1]) and call_name(node) not in SYMMETRIC:
                 def swap(n):
                     n.args[0], n.args[1] = n.args[1], n.args[0]
                 found.append(Site("mistake", f"swap the first two arguments of {call_name(node) or 'a call'}()",

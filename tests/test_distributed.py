@@ -76,6 +76,16 @@ def test_no_module_calls_torch_distributed_collectives_but_the_one_that_checks_d
     assert offenders == []
 
 
+def test_cuda_asked_for_where_there_is_none_is_one_line_saying_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for pref in ("cuda", "cuda:0"):
+        with pytest.raises(UserError, match=r"^device 'cuda(:0)?' asked for, but CUDA is not available here; use "
+                                            r"--device cpu$"):
+            resolve_device(pref)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
 def test_resolve_device_under_torchrun(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -38,3 +38,15 @@ def test_likelihood_regret():
     assert likelihood_regret(np.array([3.0, 1.0]), np.array([1.0, 2.0])).tolist() == [2.0, -1.0]
     with pytest.raises(ValueError):
         likelihood_regret(np.zeros(2), np.zeros(3))
+
+
+def test_every_score_gets_the_reconstruction_first_and_the_original_second(monkeypatch):
+    """MSE and cosine are symmetric; a registered score need not be (its arguments in their order)."""
+    import scoring.scores as scores
+    signed = lambda rec, orig, layers=(), options=None: (rec - orig).sum(-1)  # noqa: E731
+    monkeypatch.setitem(scores.SCORES, "signed", signed)
+    rec, orig = torch.full((2, 720), 3.0), torch.ones(2, 720)
+    assert torch.equal(scores.all_scores(rec, orig, INDICES)["signed"], torch.full((2,), 2.0 * 720))
+    per_layer = scores.layer_errors(rec, orig, INDICES)["signed"]  # (B, L): 2 x each layer's width
+    widths = torch.tensor([hi - lo for lo, hi in INDICES], dtype=torch.float64)
+    assert torch.equal(per_layer, 2 * widths.expand(2, -1))

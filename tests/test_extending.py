@@ -98,6 +98,26 @@ def test_timm_weights_come_from_a_local_file_or_the_cache_and_are_refused_withou
         MultiLayerFeatures("timm:no_such_net", "random")
 
 
+def test_timm_weights_are_found_in_the_hugging_face_cache_or_torch_hub_folder(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from models.backbones import backbone
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    adapter = backbone("timm:resnet18")
+    assert adapter.find_local() is None  # neither: refused with the message above
+    hub = tmp_path / "hub" / "checkpoints" / "resnet18_a1_0-d63eafa0.pth"  # timm's own URL's file name
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"weights")
+    assert adapter.find_local() == str(hub)
+    repo = tmp_path / "hf" / "models--timm--resnet18.a1_in1k"  # resnet18's default tag on the Hub
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(b"weights")
+    assert adapter.find_local() == str(repo / "snapshots" / "0123abcd" / "model.safetensors")  # the cache first
+
+
 def test_a_new_data_set_kind_is_one_module(tmp_path, monkeypatch, trained):
     (tmp_path / "checker.py").write_text(drill("kind"))
     monkeypatch.setattr(datasets, "__path__", [*datasets.__path__, str(tmp_path)])

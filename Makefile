@@ -26,7 +26,7 @@ fashion-mnist:
 		echo "note: could not install dataset-fashion-mnist; torchvision will try to download Fashion-MNIST"; \
 	fi
 
-# Two workers with one thread each (pytest-xdist): about 2.7 min on 2 cores instead of 5.3 serially.
+# Two workers with one thread each (pytest-xdist), each test file on one worker (its time: docs/USAGE.md, "Tests").
 test: install fashion-mnist
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 

@@ -155,9 +155,10 @@ def _forked(script: str, arg_lists, envs, timeout: int, check: bool) -> list:
     for n, pid in enumerate(pids):
         out, err = (open(os.path.join(folder, f"{n}.{name}"), errors="replace").read() for name in ("out", "err"))
         results.append(Result(codes[pid], out, err))
-        if check and codes[pid] != 0:
-            raise AssertionError(f"{script} (process {n}) exited {codes[pid]}\nstderr:\n{err[-5000:]}")
     shutil.rmtree(folder, ignore_errors=True)
+    for n, r in enumerate(results):
+        if check and r.returncode != 0:
+            raise AssertionError(f"{script} (process {n}) exited {r.returncode}\nstderr:\n{r.stderr[-5000:]}")
     return results
 
 

@@ -261,15 +261,12 @@ def submit(argv: Optional[List[str]] = None) -> dict:
 def complete_run(cfg, world_size: int) -> Optional[str]:
     """Why no job is needed: the output folder holds this run (as main.py --resume auto decides), and
     it is complete; None otherwise (the job decides, and checks again when it starts)."""
-    from types import SimpleNamespace
-
     from engine.training import completion
-    from experiment.run import resume_differences
+    from experiment.run import held_differences
     from store.checkpoint import peek
     last = os.path.join(cfg.output_dir, "checkpoint-last.pth")
     held = peek(last)
-    if held is None or resume_differences(cfg, world_size, SimpleNamespace(config=held.get("config"),
-                                                                         world_size=held.get("world_size"))):
+    if held is None or held_differences(cfg, world_size, held):
         return None
     return completion(cfg, last, held.get("epoch"), held.get("in_progress"))
 

@@ -18,7 +18,6 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Iterator, Optional
 
 import torch
@@ -30,7 +29,7 @@ from engine.extraction import features_for, loader_for, mode_of, standardized_fe
 from engine.factory import build_diffusion, build_extractor, build_lfdn
 from errors import Preempted, UserError
 from experiment.config import Config, config_to_dict, config_yaml
-from experiment.run import check_resume, resume_differences
+from experiment.run import check_resume, held_differences
 from models.diffusion import GaussianDiffusion
 from models.ema import EMA
 from models.features import BackboneId, MultiLayerFeatures
@@ -443,8 +442,7 @@ def locate_run(cfg: Config, ctx: DistContext, resume: Optional[str], output_dir_
         found = bool(checkpoints_in(cfg.output_dir))
         held = peek(last)
         if held is not None:
-            diffs = resume_differences(cfg, ctx.world_size, SimpleNamespace(config=held.get("config"),
-                                                                            world_size=held.get("world_size")))
+            diffs = held_differences(cfg, ctx.world_size, held)
             if diffs:
                 raise UserError(f"--resume auto: output folder {cfg.output_dir!r} holds another run ({'; '.join(diffs)}); "
                                 f"choose another --output_dir, or start afresh there with --overwrite instead of "

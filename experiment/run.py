@@ -18,6 +18,7 @@ LFDN's sizes, the schedule, the feature width) is checked against that config wh
 import logging
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Union
 
 from errors import UserError
@@ -88,6 +89,12 @@ def resume_differences(cfg: Config, world_size: int, ck: LoadedCheckpoint) -> Li
         if theirs[0] * theirs[1] * theirs[2] != ours[0] * ours[1] * ours[2]:
             out.append(f"effective batch: {effective_batch(*ours)} now, the run's {effective_batch(*theirs)}")
     return out
+
+
+def held_differences(cfg: Config, world_size: int, held: dict) -> List[str]:
+    """``resume_differences`` against the small fields ``store.checkpoint.peek`` read of a checkpoint."""
+    return resume_differences(cfg, world_size, SimpleNamespace(config=held.get("config"),
+                                                               world_size=held.get("world_size")))
 
 
 def check_resume(cfg: Config, world_size: int, ck: LoadedCheckpoint) -> None:

@@ -1,6 +1,7 @@
 """One YAML per experiment, loaded into typed dataclasses. Unknown keys and wrong types are errors
 that name the key; command-line flags override values through ``override``."""
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -451,7 +452,10 @@ def _check_ranges(cfg: Config, source: str) -> None:
                         f"{cfg.backbone.name}, got {cfg.backbone.input_size}")
 
 
+@functools.cache
 def _fields(cls) -> dict:
+    """{name: type} of a config dataclass, read once per class (typing.get_type_hints evaluates every
+    annotation each call; a config load asks ~50 times). Shared: read it, never change it."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -488,11 +492,16 @@ def _coerce(tp, value: Any, key: str, source: str):
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
-        return _coerce(non_null(tp), value, key, source)
+        if typing.get_origin(non_null(tp)) in (list, List, dict, Dict) and isinstance(value, (list, tuple, dict)):
+            return _coerce(non_null(tp), value, key, source)  # an element's own message names it
+        try:
+            return _coerce(non_null(tp), value, key, source)
+        except UserError:
+            raise bad() from None  # "... or null"
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise bad()
-        return [_coerce(args[0], v, key, source) for v in value]
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise bad()

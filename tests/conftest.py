@@ -13,6 +13,26 @@ WORKER_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(WORKER_THREADS)
 
 
+# The test files that take longest (measured with --durations; docs/USAGE.md, "Tests"), longest first.
+# pytest-xdist hands each worker whole files (--dist loadfile) in collection order; by default it first
+# sorts the files by their number of tests, which put the slowest files (few, long tests) last and left
+# one worker running alone at the end. Here the slow files go first and the rest keep their order.
+SLOWEST_FIRST = ("test_submitit_train.py", "test_training.py", "test_multinode.py", "test_detector.py",
+                 "test_prediction.py", "test_end_to_end.py", "test_two_ranks.py", "test_bench_scripts.py",
+                 "test_evaluation.py", "test_features.py", "test_loader.py", "test_extending.py", "test_run.py",
+                 "test_scorer.py", "test_feature_cache.py", "test_openood.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: a file's tests stay in order
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """A tiny experiment: real Lite0 weights at 32 px, a small LFDN, digits as ID; returns helpers.Tiny."""

@@ -87,3 +87,33 @@ def test_a_ctrl_c_held_during_a_write_goes_to_the_handler_that_was_there_before(
         assert got == [(signal.SIGINT, "new")] and (tmp_path / "b.txt").exists()
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_name_is_a_copy_where_hard_links_fail_and_no_temporary_is_left(tmp_path, monkeypatch):
+    from store.atomic import atomic_link
+    src, dst = tmp_path / "checkpoint-3.pth", tmp_path / "checkpoint-last.pth"
+    src.write_bytes(b"new")
+    dst.write_bytes(b"old")
+    atomic_link(str(src), str(dst))
+    assert dst.read_bytes() == b"new" and os.path.samefile(src, dst)
+
+    def no_links(a, b):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    src.write_bytes(b"newer")  # the same inode: dst too
+    other = tmp_path / "checkpoint-4.pth"
+    other.write_bytes(b"four")
+    atomic_link(str(other), str(dst))
+    assert dst.read_bytes() == b"four" and not os.path.samefile(other, dst)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-last.pth"]
+
+    def nothing_copied(a, b):
+        open(b, "wb").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shutil.copyfile", nothing_copied)
+    with pytest.raises(OSError):
+        atomic_link(str(src), str(dst))
+    assert dst.read_bytes() == b"four"  # the previous file, whole
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-last.pth"]

@@ -53,3 +53,11 @@ def test_mahalanobis_refuses_too_few_vectors(trained):
             m.fit_features(torch.randn(n, 512))
     m.fit_features(torch.randn(3, 512))
     assert len(set(m.predict_features(torch.randn(4, 512)).tolist())) == 4
+
+
+def test_moving_the_baselines_moves_every_fitted_tensor():
+    b = Baselines(torch.randn(20, 6), ["knn", "mahalanobis"], [1, 3])
+    fitted = [n for n in ("train", "bank", "mean", "precision") if hasattr(b, n)]
+    assert "bank" in fitted and "mean" in fitted and "precision" in fitted
+    assert b.to(torch.device("meta")) is b
+    assert all(getattr(b, n).is_meta for n in fitted)

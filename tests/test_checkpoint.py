@@ -163,3 +163,14 @@ def test_our_checkpoints_schedule_is_checked(trained):
             other.diffusion.subset_timesteps_num = 3
         with pytest.raises(UserError, match=f"diffusion.{key}"):
             check_against(ck, backbone=backbone, diffusion=build_diffusion(other), config_source="cfg")
+
+
+def test_a_state_dict_of_neither_layout_and_a_release_file_without_the_lfdn_are_named(tmp_path):
+    torch.save({"model": {"encoder.weight": torch.ones(2)}}, str(tmp_path / "foreign.pth"))
+    with pytest.raises(UserError, match=r"not a DLSR checkpoint \(neither our format nor the release's "
+                                        r"'model.diffusion_model.\*' layout\)"):
+        load_checkpoint(str(tmp_path / "foreign.pth"))
+    torch.save({"model": {"model.diffusion_model.out.0.weight": torch.ones(2)}}, str(tmp_path / "partial.pth"))
+    with pytest.raises(UserError, match=r"release checkpoint without LFDN weights \(no "
+                                        r"model.diffusion_model.input_proj.1.weight\)"):
+        load_checkpoint(str(tmp_path / "partial.pth"))

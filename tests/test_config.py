@@ -268,3 +268,40 @@ def test_a_preset_is_an_overlay_on_its_base(tmp_path, tiny):
     missing.write_text("base: nowhere.yaml\n")
     with pytest.raises(UserError, match=r"config file '.*nowhere.yaml' does not exist"):
         load_config(str(missing))
+
+
+@pytest.mark.parametrize("sections,expected", [
+    ({"train": {"cache_features": "yes"}}, "train.cache_features should be true/false, got 'yes'"),
+    ({"train": {"weight_decay": "fast"}}, "train.weight_decay should be a number, got 'fast'"),
+    ({"train": {"weight_decay": True}}, "train.weight_decay should be a number, got True"),
+    ({"train": {"lr": "fast"}}, "train.lr should be a number or null, got 'fast'"),
+    ({"train": {"epochs": 2.5}}, "train.epochs should be an integer, got 2.5"),
+    ({"backbone": {"name": 5}}, "backbone.name should be a string, got 5"),
+    ({"train": {"betas": 0.9}}, "train.betas should be a list of a number, got 0.9"),
+    ({"train": {"betas": [0.9, "x"]}}, "train.betas[1] should be a number, got 'x'"),
+    ({"eval": {"ood": ["gauss"]}}, "eval.ood should be a mapping, got ['gauss']"),
+    ({"train": {"subset": "all"}}, "train.subset should be an integer or null, got 'all'"),
+    ({"backbone": {"layers": [0, "a"]}}, "backbone.layers[1] should be an integer, got 'a'"),
+    ({"backbone": {"layers": 2}}, "backbone.layers should be a list of an integer or null, got 2"),
+    ({"train": 3}, "train must be a mapping, got int"),
+    ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+    ({"eval": {"knn_k": [1, 0]}}, "eval.knn_k must be a list of positive integers, got [1, 0]"),
+    ({"eval": {"knn_k": []}}, "eval.knn_k must be a list of positive integers, got []"),
+    ({"backbone": {"name": "vgg16"}}, "backbone.name: unknown backbone 'vgg16'"),
+])
+def test_a_value_of_the_wrong_type_or_range_in_the_file_is_named_with_what_it_should_be(tiny, sections, expected):
+    with pytest.raises(UserError) as e:
+        load_config(tiny.write(**sections))
+    assert expected in str(e.value)
+
+
+def test_a_file_that_is_not_a_mapping_not_utf8_or_based_on_a_non_name_is_refused_in_one_line(tmp_path):
+    cases = {"list.yaml": (b"- 1\n- 2\n", "the file must be a mapping, got list"),
+             "latin1.yaml": ("device: caf\u00e9\n".encode("latin-1"), "is not UTF-8 text (invalid continuation byte"),
+             "base.yaml": (b"base: [a.yaml]\n", "base must name a YAML file, got ['a.yaml']")}
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError) as e:
+            load_config(str(tmp_path / name))
+        assert expected in str(e.value) and "\n" not in str(e.value), name

@@ -279,3 +279,61 @@ def test_sixteen_bit_images_scale_and_32_bit_ones_are_refused(tmp_path):
         assert np.array_equal(resized(im, 8), img)
     with pytest.raises(UserError, match="no defined 8-bit scale"):
         resized(Image.fromarray(np.zeros((8, 8), np.float32)), 8)
+
+
+def test_cifar_svhn_and_mnist_in_torchvisions_layouts_are_read_image_for_image(tmp_path, monkeypatch):
+    """Miniature files in torchvision's layouts (its md5 checks switched off: the files are ours):
+    each split's own images, in order, with their labels, at their own size."""
+    import pickle
+
+    import scipy.io
+    import torchvision.datasets as tvd
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(tvd.SVHN, "_check_integrity", lambda self: True)
+    rng = np.random.default_rng(0)
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = 3 if name == "test_batch" else 2
+        batches[name] = (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n).tolist())
+        with open(cifar / name, "wb") as f:
+            pickle.dump({"data": batches[name][0].reshape(n, -1), "labels": batches[name][1]}, f)
+    with open(cifar / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    test = build_dataset("cifar10", "test", str(tmp_path), 32)
+    assert len(test) == 3 and test.labels.tolist() == batches["test_batch"][1]
+    assert all(torch.equal(test[i], torch.from_numpy(batches["test_batch"][0][i].transpose(1, 2, 0))) for i in range(3))
+    train = build_dataset("cifar10", "train", str(tmp_path), 32)
+    assert len(train) == 10 and torch.equal(train[9], torch.from_numpy(batches["data_batch_5"][0][1].transpose(1, 2, 0)))
+
+    svhn = tmp_path / "SVHN"
+    svhn.mkdir()
+    x = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)
+    scipy.io.savemat(svhn / "test_32x32.mat", {"X": x, "y": np.array([[10], [1], [2], [3]], np.uint8)})
+    s = build_dataset("svhn", "test", str(tmp_path), 32)
+    assert len(s) == 4 and s.labels.tolist() == [0, 1, 2, 3]  # SVHN's 10 is the digit 0
+    assert all(torch.equal(s[i], torch.from_numpy(np.ascontiguousarray(x[..., i]))) for i in range(4))
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", 5), ("t10k", 3))}
+    for prefix, ims in images.items():
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            (2051).to_bytes(4, "big") + len(ims).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + ims.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            (2049).to_bytes(4, "big") + len(ims).to_bytes(4, "big") + bytes(range(len(ims))))
+    for split, prefix in (("test", "t10k"), ("train", "train")):
+        m = build_dataset("mnist", split, str(tmp_path), 28)
+        assert len(m) == len(images[prefix]) and m.labels.tolist() == list(range(len(images[prefix])))
+        assert torch.equal(m[1], torch.from_numpy(images[prefix][1]))  # grayscale: (H, W), made RGB later
+    one = build_dataset("mnist@1", "test", str(tmp_path), 28)  # the test labels are 0, 1, 2: one image of class 1
+    assert len(one) == 1 and torch.equal(one[0], torch.from_numpy(images["t10k"][1]))
+    with pytest.raises(UserError, match="mnist@9: no images in these classes"):
+        build_dataset("mnist@9", "test", str(tmp_path), 28)
+    with pytest.raises(UserError, match=r"mnist has no validation split \(only openood:"):
+        build_dataset("mnist", "val", str(tmp_path), 28)
+    with pytest.raises(UserError, match=r"split must be one of \('train', 'test', 'val'\), got 'valid'"):
+        build_dataset("mnist", "valid", str(tmp_path), 28)

@@ -89,3 +89,21 @@ def test_reconstruction_is_reproducible_and_works_for_any_shape():
     b = diff.reconstruct(net, z0, 3, 1.0, torch.Generator().manual_seed(1))
     c = diff.reconstruct(net, z0, 3, 1.0, torch.Generator().manual_seed(2))
     assert a.shape == z0.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_an_unknown_indexing_a_step_count_off_the_grid_and_noise_of_another_shape_are_value_errors():
+    d = GaussianDiffusion(timesteps=100)
+    net = lambda z, t: z  # noqa: E731
+    x0 = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="indexing must be one of"):
+        d.reconstruct(net, x0, 3, indexing="other")
+    with pytest.raises(ValueError, match=r"steps must be in 1..99, got 100"):
+        d.reconstruct(net, x0, 100, indexing="release")
+    with pytest.raises(ValueError, match=r"steps must be in 1..100, got 0"):
+        d.reconstruct(net, x0, 0, indexing="consistent")
+    d.reconstruct(net, x0, 99, indexing="release")
+    d.reconstruct(net, x0, 100, indexing="consistent")
+    draws = d.noise_draws(3, 1.0, "release")
+    d.reconstruct(net, x0, 3, noise=torch.zeros(draws, 2, 6))
+    with pytest.raises(ValueError, match=rf"noise must have shape \({draws}, 2, 6\)"):
+        d.reconstruct(net, x0, 3, noise=torch.zeros(draws + 1, 2, 6))

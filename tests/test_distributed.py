@@ -122,3 +122,14 @@ def test_a_launched_run_binds_nccl_to_its_gpu_and_forms_a_group_even_of_one_rank
     monkeypatch.delenv("RANK")
     with distributed.distributed_context("cpu") as ctx:
         assert not ctx.distributed  # a plain process: no group
+
+
+def test_a_collective_refuses_a_tensor_on_another_device_and_an_unknown_operation():
+    import torch
+
+    from utils.distributed import DistContext, _collective
+    ctx = DistContext(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="all_reduce: a tensor on meta handed to a collective of a run on cpu"):
+        _collective(ctx, "all_reduce", torch.empty(2, device="meta"))
+    with pytest.raises(ValueError, match="scatter"):
+        _collective(ctx, "scatter", torch.zeros(2))

@@ -177,6 +177,11 @@ def test_bad_inputs_give_one_line_and_lose_nothing(trained):
     assert line.startswith("error: cannot read image") and str(bad / "broken.png") in line
     assert "does not exist" in fails("--pretrained_ldm_ckpt_first", str(t.tmp / "none.pth"),
                                      "--pretrained_ldm_ckpt_end", good, *cfg, script="test_LR.py")
+    line = fails("--pretrained_ldm_ckpt", good, *cfg, "--ood", "ID=photos:20")
+    assert line == "error: an OOD set may not be called 'ID': that name is the ID test set's"
+    line = fails("--pretrained_ldm_ckpt", good, *cfg, "--baselines", "knn", "--knn_k", "1,300")
+    assert line.startswith("error: baselines: kNN with k = 300 needs at least that many training features") \
+        and "256" in line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
     assert all(p.stat().st_mtime_ns == m for p, m in cache.items())
 

@@ -95,3 +95,25 @@ def test_feature_cache_is_keyed_by_backbone_weights(tiny, tmp_path):
     cfg.backbone.input_size = 48
     other_size = features_for(cfg, CPU, a, build_dataset("noise:uniform:40", "train", str(tmp_path), 48), "train")
     assert not other_size.from_cache
+
+
+def test_a_cache_file_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    import store.feature_cache as feature_cache
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(feature_cache, "atomic_torch_save", full)
+    path = str(tmp_path / "x.pt")
+    with caplog.at_level(logging.WARNING, logger="dlsr"):
+        feature_cache.store(path, {"k": 1}, torch.zeros(2, 3), torch.arange(2))
+    assert f"cannot store features in the cache {path}: no space left on device; going on without it" in caplog.text
+    assert not os.path.exists(path)
+    monkeypatch.undo()
+    feature_cache.store(path, {"k": 1}, torch.ones(2, 3), torch.arange(2))
+    raw, keys = feature_cache.read_valid(path, {"k": 1}, (2, 3))
+    assert torch.equal(raw, torch.ones(2, 3)) and torch.equal(keys, torch.arange(2))
+    assert feature_cache.read_valid(path, {"k": 2}, (2, 3)) is None and feature_cache.read_valid(path, {"k": 1}, (3, 3)) is None

@@ -25,6 +25,8 @@ API_CASES = {
     "a generator": (lambda d: d.predict(x for x in [np.zeros((8, 8), np.uint8)]), "from a generator"),
     "a 1-D feature vector": (lambda d: d.predict_features(torch.randn(512)), "got shape \\(512,\\)"),
     "tpr of 1 in calibrate": (lambda d: d.calibrate([np.zeros((5, 8, 8), np.uint8)], tpr=1.0), "exclusive"),
+    "an unknown score": (lambda d: DLSRDetector(d.cfg, device="cpu", score="LR"),
+                         r"score must be one of \('MSE', 'MFsim'\), got 'LR'"),
 }
 
 
@@ -197,3 +199,15 @@ def test_where_both_axes_could_hold_the_channels_the_smaller_does_and_equal_ones
     mode = "L" if pixels.ndim == 2 else "RGB"
     expected = np.asarray(Image.fromarray(np.ascontiguousarray(pixels), mode).resize((8, 8), Image.BILINEAR))
     assert np.array_equal(got[0].numpy(), expected)
+
+
+def test_labels_as_python_lists_and_a_list_item_that_holds_several_images(det):
+    from dlsr.inputs import image_count
+    x = torch.rand(5, 1, 8, 8)
+    expected = det.predict(x)
+    assert torch.equal(det.predict([x, [0, 1, 2, 3, 4]]), expected)  # labels as a Python list
+    assert torch.equal(det.predict((x, [[1, 0]] * 5)), expected)     # one-hot rows as lists
+    with pytest.raises(ValueError, match=r"a list item holds 5 images \(shape \(5, 8, 8\)\); give a list of single"):
+        det.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((5, 8, 8), np.uint8)])
+    assert [image_count(s) for s in ((8, 9), (5, 8, 9), (3, 8, 9), (2, 3, 8, 9), (2, 8, 9, 5), (1, 1, 3, 8, 8))] == \
+        [1, 5, 1, 2, 0, 0]

@@ -96,6 +96,8 @@ def test_the_library_reads_no_test_hooks():
 def test_tests_are_filed_by_module_not_by_campaign():
     names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))}
     assert not [n for n in names if n.startswith(("test_guards", "test_hostile", "test_honoured", "test_reliability"))]
+    from tests.conftest import SLOWEST_FIRST
+    assert set(SLOWEST_FIRST) <= names  # the order the workers take the slow files in names files that exist
 
 
 def test_models_and_datasets_import_only_leaves():

@@ -74,3 +74,9 @@ def test_timestep_embedding_is_cos_then_sin():
     expected = [math.cos(3 * f) for f in freqs] + [math.sin(3 * f) for f in freqs]
     assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
     assert torch.allclose(emb[1], torch.tensor(expected), atol=1e-6)
+
+
+def test_an_odd_embedding_width_gets_a_zero_last_column():
+    t = torch.tensor([0, 5, 99])
+    odd, even = timestep_embedding(t, 7), timestep_embedding(t, 6)
+    assert odd.shape == (3, 7) and torch.equal(odd[:, :6], even) and torch.equal(odd[:, 6], torch.zeros(3))

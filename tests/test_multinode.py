@@ -132,3 +132,29 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     for k in a.model:
         assert torch.allclose(a.model[k], b.model[k], rtol=1e-4, atol=1e-6), k
         assert torch.allclose(a.ema["weights"][k], b.ema["weights"][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_predict_on_two_nodes_when_only_node_1_holds_the_calibration_record(single, tmp_path):
+    """The record is sent from the node that holds it (rank 1) to the one that does not, which stores
+    it: the same thresholds, flags and scores as one process, and the same record on both disks."""
+    import csv
+    import json
+
+    from tests.helpers import save_digits
+    t = single
+    folder = tmp_path / "img"
+    save_digits(folder, range(1500, 1512))
+    common = ["--checkpoint", str(t.tmp / "one" / "checkpoint-last.pth"), "--images", str(folder)]
+    with one_thread():
+        run_inprocess("predict.py", *common, "--cache_dir", str(tmp_path / "held"), "--output", str(tmp_path / "one.csv"))
+    records = list((tmp_path / "held").glob("calibration-*.json"))
+    assert len(records) == 1
+    run_forked_ranks("predict.py", [[*common, "--cache_dir", str(tmp_path / c), "--output", str(tmp_path / "two.csv")]
+                                    for c in ("empty", "held")], per_node=1)
+    stored = list((tmp_path / "empty").glob("calibration-*.json"))
+    assert [p.name for p in stored] == [records[0].name]
+    assert json.loads(stored[0].read_text()) == json.loads(records[0].read_text())
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["thresholds"] == one["thresholds"] and two["calibration"] == one["calibration"]
+    rows = [list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("one", "two")]
+    assert rows[0] == rows[1] and len(rows[0]) == 12

@@ -106,3 +106,30 @@ def test_near_and_far_rows_of_results_csv(trained, tmp_path):
         assert float(rows[(score, "near mean")]["AUROC"]) == pytest.approx(per["digits2"])
         assert float(rows[(score, "far mean")]["AUROC"]) == pytest.approx((per["gauss"] + per["photos"]) / 2)
         assert float(rows[(score, "mean")]["AUROC"]) == pytest.approx(sum(per.values()) / 3)
+
+
+def test_plots_have_one_panel_per_ood_set_that_was_scored_three_to_a_row(tmp_path):
+    from PIL import Image
+
+    from store.report import EvalResult, SetResult, write_plots
+    rng = np.random.default_rng(0)
+
+    def result(present: int, missing: int) -> EvalResult:
+        sets = {"ID": SetResult("ID", "digits", 50, {"MFsim": rng.normal(size=50)}, features_from="cache")}
+        for i in range(present):
+            sets[f"o{i}"] = SetResult(f"o{i}", "noise", 30, {"MFsim": rng.normal(1, size=30)}, features_from="extracted")
+        for i in range(missing):
+            sets[f"m{i}"] = SetResult(f"m{i}", "svhn")
+        metrics = {"MFsim": {**{f"o{i}": {"AUROC": 0.75} for i in range(present)},
+                             **{f"m{i}": None for i in range(missing)}}}
+        return EvalResult("MFsim", ["MFsim"], sets, metrics, {"id_dataset": "digits"})
+
+    for present, missing, (cols, rows) in ((1, 1, (1, 1)), (3, 0, (3, 1)), (4, 2, (3, 2))):
+        out = tmp_path / f"{present}-{missing}"
+        out.mkdir()
+        paths = write_plots(result(present, missing), str(out))
+        assert paths == [str(out / "roc_MFsim.png"), str(out / "hist_MFsim.png")]
+        assert Image.open(out / "hist_MFsim.png").size == (4 * 120 * cols, 3 * 120 * rows)  # 4 x 3 inches a panel
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert write_plots(result(0, 2), str(empty)) == [] and not list(empty.iterdir())  # every OOD set missing

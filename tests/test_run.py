@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from datasets import build_dataset, random_subset
@@ -155,3 +156,29 @@ def test_the_authors_files_take_config_yaml_in_every_script_and_the_api(tmp_path
     assert any("stores no config (an authors' release file): using" in r.getMessage() for r in caplog.records)
     given = run_config({"end": ck}, os.path.join(ROOT, "config", "Config_resnet50.yaml"))
     assert given.cfg.backbone.name == "resnet50"  # the config given wins where the file has none
+
+
+def test_keys_an_older_checkpoint_does_not_store_are_not_differences_and_release_files_are_not_resumed(trained, tmp_path):
+    from errors import UserError
+    from experiment.config import load_config
+    from experiment.run import check_resume, checkpoints_agree, differences
+    from store.checkpoint import LoadedCheckpoint, load_checkpoint
+    ck = load_checkpoint(str(trained.ckpt / "checkpoint-last.pth"))
+    cfg = load_config(trained.config)
+    cfg.train.subset, cfg.train.dataset = 128, "photos"
+    keys = ["train.subset", "train.dataset", "train.seed"]
+    assert differences(cfg, ck, keys) == [("train.subset", 128, 256), ("train.dataset", "photos", "digits")]
+    older = LoadedCheckpoint(ck.path, "dlsr", ck.model, ck.ema, ck.epoch,
+                             config={s: {k: v for k, v in section.items() if k != "subset"} if s == "train" else section
+                                     for s, section in ck.config.items()})
+    assert differences(cfg, older, keys) == [("train.dataset", "photos", "digits")]  # subset: not stored, skipped
+    release = LoadedCheckpoint(str(tmp_path / "release.pth"), "release", ck.model, None, 149)
+    with pytest.raises(UserError, match=r"release.pth: --resume takes a checkpoint written by this trainer; use "
+                                        r"--pre_ckpt_path to start from a release checkpoint"):
+        check_resume(load_config(trained.config), 1, release)
+    a = LoadedCheckpoint("a.pth", "release", {}, None, 0, backbone_state={"w": torch.zeros(3)})
+    b = LoadedCheckpoint("b.pth", "release", {}, None, 149, backbone_state={"w": torch.ones(3)})
+    with pytest.raises(UserError, match="the checkpoints carry different backbone weights"):
+        checkpoints_agree({"first": a, "end": b})
+    checkpoints_agree({"first": a, "end": LoadedCheckpoint("c.pth", "release", {}, None, 149,
+                                                           backbone_state={"w": torch.zeros(3)})})

@@ -19,3 +19,22 @@ def test_a_second_run_into_a_locked_folder_is_refused(trained, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_causes_and_output_problems_are_said_in_words(tmp_path):
+    import errno
+
+    from store.rundir import cause, output_file_problem, outputs_problem
+    assert cause(OSError(errno.ENOSPC, "whatever the system says")) == "no space left on device"
+    assert cause(OSError(errno.EACCES, "Permission denied")) == "permission denied"
+    assert cause(OSError()) == "oserror"
+    (tmp_path / "f").write_text("x")
+    problem = output_file_problem(str(tmp_path / "f" / "out.csv"), "--output")
+    assert problem == f"the folder of --output {str(tmp_path / 'f')!r} is a file, not a folder"
+    assert output_file_problem(str(tmp_path / "new" / "out.csv"), "--output") is None and (tmp_path / "new").is_dir()
+    assert "is a folder; name a file in it instead" in output_file_problem(str(tmp_path), "--output")
+    assert "is a folder" in output_file_problem(str(tmp_path / "a.csv"), "--output", str(tmp_path / "new"))
+    a, also_a = str(tmp_path / "a.csv"), f"{tmp_path}/./a.csv"
+    problem = outputs_problem({"--output": a, "its summary": also_a}, [], lambda what, path: True)
+    assert problem == f"its summary {also_a!r} and --output {a!r} are the same file; choose another name"
+    assert outputs_problem({"--output": a, "its summary": str(tmp_path / "a.json")}, [], lambda w, p: True) is None

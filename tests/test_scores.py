@@ -50,3 +50,11 @@ def test_every_score_gets_the_reconstruction_first_and_the_original_second(monke
     per_layer = scores.layer_errors(rec, orig, INDICES)["signed"]  # (B, L): 2 x each layer's width
     widths = torch.tensor([hi - lo for lo, hi in INDICES], dtype=torch.float64)
     assert torch.equal(per_layer, 2 * widths.expand(2, -1))
+
+
+def test_a_score_name_is_registered_once():
+    from scoring.scores import SCORES, score
+    before = dict(SCORES)
+    with pytest.raises(ValueError, match="score 'MSE' is registered twice"):
+        score("MSE")(lambda rec, orig, layers, cfg: rec.sum(-1))
+    assert SCORES == before

@@ -146,7 +146,9 @@ def test_a_failing_job_is_not_requeued_and_its_error_is_in_its_log(job):
     assert starts == 1  # ran once: not requeued
 
 
-def test_the_launcher_checks_its_flags_and_mains_before_submitting(tiny, tmp_path):
+def test_the_launcher_checks_its_flags_and_mains_before_submitting(tiny, tmp_path, monkeypatch):
+    import submitit.slurm.slurm
+
     from errors import UserError
     from submitit_train import submit
     cfg = tiny.write()
@@ -156,7 +158,22 @@ def test_the_launcher_checks_its_flags_and_mains_before_submitting(tiny, tmp_pat
         submit(["--cluster", "local", "--config", cfg, "--resume", "x.pth", "--job_dir", str(tmp_path / "j")])
     with pytest.raises(UserError, match="--nodes 1"):
         submit(["--cluster", "local", "--nodes", "2", "--config", cfg, "--job_dir", str(tmp_path / "j")])
+    for flags in (["--nodes", "0"], ["--gpus_per_node", "-1"], ["--tasks_per_node", "0"]):
+        with pytest.raises(UserError, match="--nodes and --tasks_per_node must be positive, --gpus_per_node at least 0"):
+            submit(["--cluster", "local", *flags, "--config", cfg, "--job_dir", str(tmp_path / "j")])
     assert not (tmp_path / "j").exists()  # nothing submitted
+    from submitit_train import eval_flags, executor, split_argv, training_config
+    monkeypatch.setattr(submitit.slurm.slurm.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # "srun is there"
+    for item in ("exclusive", "=true"):
+        ours, _ = split_argv(["--sbatch", item])
+        with pytest.raises(UserError, match=f"--sbatch expects KEY=VALUE, got {item!r}"):
+            executor(ours, str(tmp_path / "j" / "%j"), 1)
+    args, _ = training_config(["--config", cfg, "--data_path", str(tmp_path / "d"), "--device", "cpu",
+                               "--num_workers", "0", "--cache_dir", str(tmp_path / "c")])
+    assert eval_flags(args) == ["--data_path", str(tmp_path / "d"), "--cache_dir", str(tmp_path / "c"),
+                                "--device", "cpu", "--num_workers", "0"]  # what the evaluation job is given
+    args, _ = training_config(["--config", cfg])
+    assert eval_flags(args) == []  # the config's own
 
 
 def test_what_the_launcher_cannot_read_as_a_complete_run_goes_to_the_job(trained, tmp_path):

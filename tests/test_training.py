@@ -22,9 +22,10 @@ from engine.training import (
     build_trainer,
     keep_log_before,
     lr_at,
+    seed_step,
     train,
 )
-from errors import Preempted
+from errors import Preempted, UserError
 from experiment.config import load_config
 from models.features import standardize
 from store.checkpoint import (
@@ -294,6 +295,24 @@ def test_data_order_changes_every_epoch_and_timesteps_cover_0_to_T_minus_1(tiny_
         trainer.train_one_epoch(epoch)
     t = torch.cat(drawn)
     assert t.min() == 0 and t.max() == 99 and len(t.unique()) > 90
+
+
+def test_a_step_seeds_the_cpu_generator_and_on_a_gpu_that_gpus_as_torch_manual_seed_would(monkeypatch):
+    """seed_step sets what torch.manual_seed sets for the generators a step draws from (dropout)."""
+    expected = torch.Generator().manual_seed(1234).initial_seed()
+    gpus = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]  # stand-ins for cuda:0, cuda:1
+    monkeypatch.setattr(torch.cuda, "default_generators", tuple(gpus))
+    saved = torch.get_rng_state()
+    try:
+        seed_step(1234, torch.device("cpu"))
+        assert torch.initial_seed() == expected and [g.initial_seed() for g in gpus] == [7, 7]
+        drawn = torch.rand(3)
+        torch.manual_seed(1234)
+        assert torch.equal(drawn, torch.rand(3))
+        seed_step(99, torch.device("cuda:1"))
+        assert torch.initial_seed() == 99 and [g.initial_seed() for g in gpus] == [7, 99]
+    finally:
+        torch.set_rng_state(saved)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -625,3 +644,57 @@ def test_the_optimiser_is_fused_on_cuda_so_the_grad_scaler_reads_nothing(tiny, m
     training_model(cfg, SimpleNamespace(device=torch.device("cpu"), world_size=1, cuda=True), 512, None)
     training_model(cfg, CPU, 512, None)
     assert [kw["fused"] for kw in made] == [True, None]
+
+
+def test_what_a_folder_or_log_holds_besides_a_run_is_read_as_it_is(trained, tmp_path):
+    """--resume auto where the folder holds checkpoints but no checkpoint-last.pth; a log whose lines
+    are not all JSON run lines (an older version's, a cut line): only lines naming a run_id count."""
+    folder = tmp_path / "o"
+    folder.mkdir()
+    shutil.copy(trained.ckpt / "checkpoint-0.pth", folder / "checkpoint-0.pth")
+    proc = run_inprocess("main.py", "--config", trained.config, "--output_dir", str(folder), "--resume", "auto",
+                         check=False)
+    assert proc.returncode == 2 and "holds checkpoints (checkpoint-0.pth) but no checkpoint-last.pth" in last(proc)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "log.txt").write_text('epoch 0 loss 0.5\n{"epoch": 0}\n[1, 2]\n{"run_id": "0123456789abcdef", "ep\n')
+    cfg = trained.write("own-log.yaml", output_dir=str(tmp_path / "new"), log_dir=str(logs),
+                        train={"epochs": 1})
+    run_inprocess("main.py", "--config", cfg)  # nothing in that log names a run: it is taken
+    with open(logs / "log.txt", "a") as f:
+        f.write('{"epoch": 5, "run_id": "fedcba9876543210"}\n')
+    proc = run_inprocess("main.py", "--config", cfg, "--resume", "auto", "--epochs", "2", check=False)
+    assert proc.returncode == 2 and "holds the log of another run (run fedcba98)" in last(proc)
+
+
+def test_too_few_images_for_one_batch_and_a_pre_ckpt_of_another_width_are_refused_in_one_line(trained, tmp_path):
+    cfg = trained.write("few.yaml", output_dir=str(tmp_path / "few"), train={"subset": 20, "batch_size": 32})
+    proc = run_inprocess("main.py", "--config", cfg, check=False)
+    assert proc.returncode == 2 and "20 training images give no full batch of 32 x 1 process(es) x 1 " \
+                                    "accumulation; lower --batch_size" in last(proc)
+    wide = trained.write("wide.yaml", output_dir=str(tmp_path / "wide"), lfdn={"model_channels": 96})
+    proc = run_inprocess("main.py", "--config", wide, "--pre_ckpt_path", str(trained.ckpt / "checkpoint-last.pth"),
+                         check=False)
+    assert proc.returncode == 2 and "(--pre_ckpt_path) does not fit the LFDN of this config: " in last(proc)
+    assert "size mismatch" in last(proc)
+    assert not (tmp_path / "wide" / "checkpoint-0.pth").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_says_so_and_keeps_the_earlier_ones(tiny, monkeypatch):
+    import engine.training as training_module
+    cfg = load_config(tiny.write(train={"epochs": 2, "save_every": 1}))
+    real = training_module.save_checkpoint
+    calls = []
+
+    def full_disk(payload, path):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(payload, path)
+
+    monkeypatch.setattr(training_module, "save_checkpoint", full_disk)
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*checkpoint-1.pth'?: no space left on device; "
+                                        r"the checkpoints written before are left as they were"):
+        train(cfg, CPU)
+    assert load_checkpoint(str(tiny.ckpt / "checkpoint-0.pth")).epoch == 0
+    assert load_checkpoint(str(tiny.ckpt / "checkpoint-last.pth")).epoch == 0

@@ -212,7 +212,8 @@ def test_flags_set_their_config_keys(tiny):
                           (["--ood", "nospec"], "--ood expects NAME=SPEC"),
                           (["--group", "gauss=middle"], "eval.groups.gauss must be one of near, far"),
                           (["--baselines", "knn,lof"], r"eval.baselines\[1\] must be one of knn, mahalanobis"),
-                          (["--knn_k", "1,x"], r"eval.knn_k\[1\] should be an integer, got 'x'")):
+                          (["--knn_k", "1,x"], r"eval.knn_k\[1\] should be an integer, got 'x'"),
+                          (["--opt", "eval.seed"], r"--opt expects KEY=VALUE, got 'eval.seed'")):
         with pytest.raises(UserError, match=message):
             resolve_config(path, vars_of("test_LR.py", *argv), keys)
     with pytest.raises(SystemExit):  # a choice outside the table is refused by the parser itself

@@ -337,3 +337,25 @@ def test_cifar_svhn_and_mnist_in_torchvisions_layouts_are_read_image_for_image(t
         build_dataset("mnist", "val", str(tmp_path), 28)
     with pytest.raises(UserError, match=r"split must be one of \('train', 'test', 'val'\), got 'valid'"):
         build_dataset("mnist", "valid", str(tmp_path), 28)
+
+
+def test_a_subset_reads_its_base_images_by_its_own_indices_however_they_are_asked_for(tmp_path):
+    digits = build_dataset("digits", "test", "", 8)
+    sub = random_subset(digits, 50, seed=3)
+    inner = SubsetImages(sub, [49, 0, 7])  # a subset of a subset: the base has __getitems__
+    expected = [digits[sub.indices[i]] for i in (49, 0, 7)]
+    assert all(torch.equal(a, b) for a, b in zip(inner.__getitems__([0, 1, 2]), expected))
+    assert all(torch.equal(inner[i], e) for i, e in enumerate(expected))
+    assert inner.labels.tolist() == [int(digits.labels[sub.indices[i]]) for i in (49, 0, 7)]
+    assert np.array_equal(np.asarray(inner.load(2)), np.asarray(digits.load(sub.indices[7])))
+    save_images(tmp_path / "f", 4)
+    folder = build_dataset(f"folder:{tmp_path / 'f'}", "test", "", 8)
+    assert not callable(getattr(folder, "__getitems__", None))
+    picked = SubsetImages(folder, [3, 1])
+    assert all(torch.equal(a, folder[i]) for a, i in zip(picked.__getitems__([0, 1]), (3, 1)))
+    with pytest.raises(UserError, match="subset size must be positive, got 0"):
+        random_subset(digits, 0)
+    assert random_subset(digits, len(digits)) is digits and random_subset(digits, None) is digits
+    for bad in (np.zeros((0, 8, 8), np.uint8), np.zeros((2, 8), np.uint8), np.zeros((2, 8, 8), np.float32)):
+        with pytest.raises(ValueError, match=r"x: expected a non-empty uint8 \(N, H, W\[, 3\]\) array"):
+            ArrayImages("x", bad, 8)

@@ -347,3 +347,15 @@ def test_calibrating_on_a_handful_of_images_warns(trained, caplog):
         d.calibrate([np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)])
     said = [r.message for r in caplog.records if "calibration image(s) are few" in r.message]
     assert len(said) == 1 and "3 calibration image(s)" in said[0] and "100 or more" in said[0]
+
+
+def test_is_ood_accepts_an_image_scored_exactly_at_the_threshold(trained):
+    """21 calibration images at tpr 0.95: the quantile is the 20th score itself (no interpolation)."""
+    knn = KNNDetector(trained.config, k=1, device="cpu").fit([digits_uint8()[:300]])
+    held = digits_uint8()[300:321]
+    threshold = knn.calibrate([held], tpr=0.95)["kNN_k1"]
+    scores = knn.predict(held)
+    assert sorted(scores.tolist())[19] == threshold
+    flags = knn.is_ood(held)
+    assert flags.tolist() == (scores > threshold).tolist() and int(flags.sum()) == 1
+    assert not flags[scores == threshold].any()

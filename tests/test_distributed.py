@@ -133,3 +133,54 @@ def test_a_collective_refuses_a_tensor_on_another_device_and_an_unknown_operatio
         _collective(ctx, "all_reduce", torch.empty(2, device="meta"))
     with pytest.raises(ValueError, match="scatter"):
         _collective(ctx, "scatter", torch.zeros(2))
+
+
+def test_rows_go_to_ranks_in_blocks_round_robin_and_come_back_in_order(monkeypatch):
+    """block_rows and gather_interleaved by hand: 10 rows in blocks of 3 over 3 ranks; the all-gather
+    is played by a stand-in that hands each rank's padded rows to every rank, as gloo would."""
+    import torch
+
+    import utils.distributed as distributed
+    from utils.distributed import DistContext, block_rows, gather_interleaved
+    expected = {0: [0, 1, 2, 9], 1: [3, 4, 5], 2: [6, 7, 8]}  # blocks 0..3 = rows 0-2, 3-5, 6-8, 9
+    assert {r: block_rows(10, 3, r, 3).tolist() for r in range(3)} == expected
+    assert block_rows(5, 1, 1, 2).tolist() == [1, 3] and block_rows(4, 8, 1, 2).tolist() == []
+    full = torch.arange(40, dtype=torch.float32).view(10, 4)
+    locals_ = {r: full[rows] for r, rows in expected.items()}
+
+    def all_gather(ctx, op, padded, *parts, src=0):
+        assert op == "all_gather" and len(parts) == 3
+        for r, part in enumerate(parts):
+            part.zero_()
+            part[: len(locals_[r])] = locals_[r]
+
+    monkeypatch.setattr(distributed, "_collective", all_gather)
+    for rank in range(3):
+        out = gather_interleaved(locals_[rank], 10, DistContext(rank, 3, rank, torch.device("cpu")), block=3)
+        assert torch.equal(out, full), rank
+
+
+@pytest.mark.parametrize("rank,local_rank,own,holders,exists,record,stored,held", [
+    (0, 0, "A", [0, 1], False, "A", False, True),          # every rank holds it: each keeps its own
+    (1, 0, None, [0], False, "from 0", True, True),        # another node lacks it: sent, and stored there
+    (1, 1, None, [0], False, "from 0", False, True),       # the same node as rank 0: rank 0 stores it
+    (0, 0, None, [1], False, "from 1", True, True),        # only rank 1 holds it: sent from rank 1
+    (0, 0, None, [], False, "computed", True, False),      # nobody: computed together, rank 0 stores
+    (1, 0, None, [], True, "computed", False, False),      # a shared folder rank 0 already wrote to
+    (1, 0, "B", [1], False, "from 1", False, True),        # a holder keeps nothing of its own to store
+])
+def test_a_record_held_by_some_ranks_is_sent_from_the_lowest_holder_and_stored_where_missing(
+        tmp_path, monkeypatch, rank, local_rank, own, holders, exists, record, stored, held):
+    import torch
+
+    import utils.distributed as distributed
+    from utils.distributed import DistContext, agreed_record
+    monkeypatch.setattr(distributed, "ranks_holding", lambda flag, ctx: holders)
+    monkeypatch.setattr(distributed, "barrier", lambda ctx: None)
+    path = tmp_path / "record.json"
+    if exists:
+        path.write_text("rank 0's")
+    writes = []
+    got = agreed_record(DistContext(rank, 2, local_rank, torch.device("cpu")), str(path), lambda: own,
+                        lambda mine, src: f"from {src}", lambda: "computed", writes.append)
+    assert got == (record, held) and writes == ([record] if stored else [])

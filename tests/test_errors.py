@@ -15,3 +15,14 @@ def test_one_line_of_an_error_re_raised_by_a_dataloader_worker(tmp_path):
         list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
     line = one_line(e.value)
     assert line.startswith("cannot read image") and "broken.jpg" in line and "\n" not in line
+
+
+def test_a_word_longer_than_the_limit_keeps_its_ends_and_says_how_much_was_left_out():
+    from errors import LONG_WORD
+    path = "/data/" + "a" * 150 + "middle" + "z" * 150 + ".png"
+    line = one_line(UserError(f"cannot read image {path}: truncated"))
+    word = path + ":"  # a word runs to the next space
+    assert line == f"cannot read image {word[:80]}...({len(word) - 160} characters)...{word[-80:]} truncated"
+    fits = "b" * LONG_WORD
+    assert one_line(UserError(f"x {fits} y")) == f"x {fits} y"  # at the limit: kept whole
+    assert one_line(UserError("two\nlines")) == "two\\nlines" and one_line(UserError("")) == "UserError"

@@ -410,3 +410,51 @@ def test_predict_alone_scores_as_the_evaluation_when_the_chunk_spans_several_bac
         keys.append(ki)
     expected = scorer.scores(torch.cat(z), torch.cat(keys))
     np.testing.assert_array_equal(np.array([float(r["MFsim"]) for r in rows]), expected["MFsim"])
+
+
+def test_one_file_under_several_spellings_is_one_row_under_the_first_spelling_in_sort_order(tmp_path):
+    save_digits(tmp_path / "img", [1, 2])
+    os.symlink(tmp_path / "img" / "d0002.png", tmp_path / "a-link.png")
+    spellings = [f"{tmp_path}/img/./d0001.png", str(tmp_path / "img" / "d0001.png"), str(tmp_path / "img"),
+                 str(tmp_path / "a-link.png"), f"{tmp_path}/img/../img/d0002.png"]
+    got = collect_files(spellings)
+    first_of_1 = min(f"{tmp_path}/img/./d0001.png", str(tmp_path / "img" / "d0001.png"))
+    first_of_2 = min(str(tmp_path / "a-link.png"), f"{tmp_path}/img/../img/d0002.png", str(tmp_path / "img" / "d0002.png"))
+    assert got == sorted([first_of_1, first_of_2])  # as given, not resolved: the rows name what the user named
+    missing = f"{tmp_path}/gone/../gone.png"  # a missing file keeps its row (it is reported unreadable), once
+    assert collect_files([missing, str(tmp_path / "gone.png")]) == [str(tmp_path / "gone.png")]
+
+
+def test_each_file_that_cannot_be_an_image_says_why_in_its_row(tmp_path):
+    """(A file removed after the listing, a folder given where a file was, a FIFO, garbage bytes.)"""
+    from engine.prediction import FileImages
+    save_digits(tmp_path, [4])
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    names = ["d0004.png", "gone.png", "folder.png", "fifo.png", "garbage.png"]
+    ds = FileImages([str(tmp_path / n) for n in names], 16)
+    assert len(ds) == 5
+    image, reason = ds[0]
+    assert reason == "" and image.shape == (16, 16, 3) and image.dtype == torch.uint8
+    reasons = [ds[i][1] for i in range(1, 5)]
+    assert reasons[:3] == ["no such file", "a folder, not an image file", "not a regular file (a FIFO)"]
+    assert reasons[3].startswith("cannot decode: ") and str(tmp_path) not in reasons[3]
+    assert all(ds[i][0] is None for i in range(1, 5))
+
+
+def test_an_image_scored_exactly_at_the_threshold_is_accepted(trained, tmp_path):
+    """Calibrated on the very images predicted: 21 of them at --tpr 0.95 put the quantile on the 20th
+    score itself (0.95 x 20 = 19, no interpolation), so one row sits at the threshold: ID, as the
+    calibration counted it (score <= threshold)."""
+    folder = tmp_path / "d"
+    save_digits(folder, range(200, 221))
+    _, rows = predict(trained, tmp_path / "p.csv", folder,
+                      extra=("--calibration", f"folder:{folder}", "--tpr", "0.95", "--score", "MSE"))
+    summary = json.loads((tmp_path / "p.json").read_text())
+    threshold = summary["thresholds"]["MSE"]
+    scores = sorted(float(r["MSE"]) for r in rows)
+    assert len(rows) == 21 and scores[19] == threshold  # the row at the threshold
+    at = [r for r in rows if float(r["MSE"]) == threshold]
+    assert len(at) == 1 and at[0]["is_ood"] == "0"
+    assert summary["calibration"]["accepted"]["MSE"] == 20 and sum(int(r["is_ood"]) for r in rows) == 1

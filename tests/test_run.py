@@ -182,3 +182,57 @@ def test_keys_an_older_checkpoint_does_not_store_are_not_differences_and_release
         checkpoints_agree({"first": a, "end": b})
     checkpoints_agree({"first": a, "end": LoadedCheckpoint("c.pth", "release", {}, None, 149,
                                                            backbone_state={"w": torch.zeros(3)})})
+
+
+# What a run is (docs/OPERATIONS.md, "A resumed run is the same run"), each key with a value the tiny
+# run was not trained with; what shapes a resumed run's trajectory; and settings of how to score it.
+RUN_DEFINITION = {
+    "backbone.name": "efficientnet-b4", "backbone.input_size": 48, "backbone.layers": [1, 2, 3, 4],
+    "lfdn.model_channels": 96, "lfdn.time_embed_dim": 16, "lfdn.bottleneck_channels": 80, "lfdn.num_res_blocks": 3,
+    "lfdn.dropout": 0.5, "diffusion.timesteps": 200, "diffusion.linear_start": 0.001, "diffusion.linear_end": 0.03,
+    "train.dataset": "photos", "train.subset": 100, "train.seed": 9}
+TRAJECTORY = {"train.cosine_lr": True, "train.warmup_epochs": 3}
+HOW_TO_SCORE = {"diffusion.subset_timesteps_num": 5, "diffusion.eta": 0.5, "eval.batch_size": 7, "eval.seed": 4,
+                "train.epochs": 9, "train.lr": 0.5, "device": "auto"}
+
+
+def test_each_key_of_a_runs_definition_comes_from_its_checkpoint_and_a_resume_names_each_one_changed(trained):
+    from errors import UserError
+    from experiment.config import load_config, value_at
+    from experiment.run import adopt_run, check_resume
+    from store.checkpoint import load_checkpoint
+    ck = load_checkpoint(str(trained.ckpt / "checkpoint-last.pth"))
+    for key, value in {**RUN_DEFINITION, **TRAJECTORY, **HOW_TO_SCORE}.items():
+        cfg = load_config(trained.config)
+        section, _, leaf = key.rpartition(".")
+        theirs = value_at(cfg, key)
+        assert value != theirs, key
+        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+        adopted = adopt_run(cfg, ck, "the test", say=False)
+        assert value_at(adopted, key) == (theirs if key in RUN_DEFINITION else value), key
+        cfg = load_config(trained.config)
+        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+        if key in HOW_TO_SCORE:
+            check_resume(cfg, 1, ck)  # how to score, epochs, lr: a resume may change them
+        else:
+            with pytest.raises(UserError) as e:
+                check_resume(cfg, 1, ck)
+            assert f"but {key}: {value!r} now, the run's {theirs!r}. Resume with" in str(e.value), key
+
+
+def test_a_resume_keeps_the_effective_batch_however_it_is_made_up(trained):
+    from errors import UserError
+    from experiment.config import load_config
+    from experiment.run import check_resume
+    from store.checkpoint import load_checkpoint
+    ck = load_checkpoint(str(trained.ckpt / "checkpoint-last.pth"))  # batch 32 on one process
+    for batch, world, accum, same in ((32, 1, 1, True), (16, 2, 1, True), (8, 2, 2, True), (16, 1, 2, True),
+                                      (16, 1, 1, False), (32, 2, 1, False), (32, 1, 2, False)):
+        cfg = load_config(trained.config)
+        cfg.train.batch_size, cfg.train.accum_iter = batch, accum
+        if same:
+            check_resume(cfg, world, ck)
+        else:
+            with pytest.raises(UserError, match=rf"effective batch: {batch * world * accum} \({batch} x {world} "
+                                                rf"process\(es\) x {accum} accumulation\) now, the run's 32 \(32 x 1 "):
+                check_resume(cfg, world, ck)

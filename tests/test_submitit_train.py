@@ -237,3 +237,45 @@ def test_the_evaluation_job_scores_the_finished_runs_first_and_last_checkpoints(
     assert [c["path"] for c in mse.values()] == [str(run / "checkpoint-last.pth")]
     assert (lr["first"]["path"], lr["end"]["path"]) == (str(run / "checkpoint-0.pth"), str(run / "checkpoint-last.pth"))
     assert (lr["first"]["epoch"], lr["end"]["epoch"]) == (0, 2)
+
+
+def test_on_slurm_the_evaluation_job_waits_for_the_training_job_to_end_well(tiny, tmp_path, monkeypatch, capsys):
+    """What submit hands the executor on a cluster (no Slurm here: an executor that records it)."""
+    import types
+
+    import submitit_train
+    from submitit_train import Evaluation, Training
+
+    class Recorder:
+        def __init__(self):
+            self.parameters, self.submitted = {"additional_parameters": {"account": "lab"}}, []
+
+        def update_parameters(self, **kw):
+            self.parameters.update({"additional_parameters" if k == "slurm_additional_parameters" else k: v
+                                    for k, v in kw.items()})
+
+        def submit(self, fn):
+            self.submitted.append((fn, dict(self.parameters["additional_parameters"])))
+            job_id = str(100 + len(self.submitted))
+            return types.SimpleNamespace(job_id=job_id, paths=types.SimpleNamespace(stdout=f"{job_id}.out",
+                                                                                 stderr=f"{job_id}.err"))
+
+    ex = Recorder()
+    seen = []
+    monkeypatch.setattr(submitit_train, "executor", lambda ours, folder, tasks: seen.append((ours, tasks)) or ex)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    cfg = tiny.write()
+    out = submitit_train.submit(["--cluster", "slurm", "--nodes", "2", "--gpus_per_node", "4", "--evaluate",
+                                 "--config", cfg, "--data_path", str(tmp_path / "d"), "--job_dir", str(tmp_path / "j")])
+    assert out == {"train": "101", "evaluate": "102"} and seen[0][1] == 4  # a task per GPU
+    (train, train_extra), (evaluation, eval_extra) = ex.submitted
+    assert isinstance(train, Training) and isinstance(evaluation, Evaluation)
+    assert train_extra == {"account": "lab"} and eval_extra == {"account": "lab", "dependency": "afterok:101"}
+    assert evaluation.output_dir == str(tiny.ckpt) and evaluation.common == ["--data_path", str(tmp_path / "d")]
+    printed = capsys.readouterr().out
+    assert "submitted training job 101: 2 node(s) x 4 task(s)" in printed and "scancel 101" in printed
+    assert "submitted evaluation job 102, after job 101 ends well" in printed
+    ex.submitted.clear()
+    assert submitit_train.submit(["--cluster", "slurm", "--config", cfg, "--output_dir", str(tmp_path / "o"),
+                                  "--job_dir", str(tmp_path / "j")]) == {"train": "101"}
+    assert len(ex.submitted) == 1  # no --evaluate: no second job

@@ -188,6 +188,11 @@ def test_help_shows_the_values_of_the_config_in_use(tiny, trained, monkeypatch):
     assert help_line(text, "--batch_size").endswith(f"[{cfg}: 33]")
     text = run_inprocess("main.py", "--help", "--config", str(tiny.tmp / "missing.yaml")).stdout
     assert "[built-in;" in help_line(text, "--batch_size") and help_line(text, "--batch_size").endswith(": 256]")
+    raw = torch.load(ckpt, weights_only=True)
+    raw["config"]["eval"]["batch_size"] = "many"  # a stored config that no longer loads
+    torch.save(raw, tiny.tmp / "odd.pth")
+    text = run_inprocess("predict.py", "--help", "--checkpoint", str(tiny.tmp / "odd.pth")).stdout
+    assert help_line(text, "--batch_size").endswith("[built-in; the checkpoint's stored config is invalid: 64]")
 
 
 def test_flags_set_their_config_keys(tiny):

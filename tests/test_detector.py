@@ -359,3 +359,24 @@ def test_is_ood_accepts_an_image_scored_exactly_at_the_threshold(trained):
     flags = knn.is_ood(held)
     assert flags.tolist() == (scores > threshold).tolist() and int(flags.sum()) == 1
     assert not flags[scores == threshold].any()
+
+
+def test_layer_statistics_of_a_detector_fitted_on_features_come_from_those_features(detector, trained, tmp_path,
+                                                                                      monkeypatch):
+    """eval.layer_norm standardises each layer's error by its statistics on ID training vectors: for
+    fit_features, the vectors given (the config's training set is never read); they change the scores."""
+    import engine.scorer
+    cfg = load_config(trained.config)
+    cfg.output_dir, cfg.train.epochs, cfg.eval.layer_norm = str(tmp_path / "ln"), 1, True
+    z, _ = detector.features(digits_uint8()[:256])
+
+    def no_dataset(cfg):
+        raise AssertionError("the config's training set was read")
+
+    monkeypatch.setattr(engine.scorer, "training_set", no_dataset)
+    det = DLSRDetector(cfg, device="cpu").fit_features(z)
+    probe = z[:8]
+    scores = det.predict_features(probe)
+    assert torch.isfinite(scores).all()
+    det.scorer.train_z, det.scorer._layer_stats = z * 3, {}  # other training vectors: other statistics
+    assert not torch.allclose(det.predict_features(probe), scores)

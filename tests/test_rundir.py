@@ -1,4 +1,5 @@
-"""store/rundir.py: one folder, one run (locks)."""
+"""store/rundir.py: one folder, one run (locks); output rules in words."""
+import os
 
 from tests.helpers import error_line, hold_lock, run_inprocess, try_evaluate
 
@@ -38,3 +39,13 @@ def test_causes_and_output_problems_are_said_in_words(tmp_path):
     problem = outputs_problem({"--output": a, "its summary": also_a}, [], lambda what, path: True)
     assert problem == f"its summary {also_a!r} and --output {a!r} are the same file; choose another name"
     assert outputs_problem({"--output": a, "its summary": str(tmp_path / "a.json")}, [], lambda w, p: True) is None
+    (tmp_path / "img.png").write_bytes(b"an input")
+    os.link(tmp_path / "img.png", tmp_path / "hard.png")
+    inputs = [str(tmp_path / "x.png"), str(tmp_path / "img.png")]
+    problem = outputs_problem({"--output": str(tmp_path / "hard.png")}, inputs, lambda w, p: True)
+    assert problem == (f"--output {str(tmp_path / 'hard.png')!r} is one of the inputs ({str(tmp_path / 'img.png')!r}); "
+                       f"writing it would replace that file")
+    (tmp_path / "notes.csv").write_text("mine")
+    mine = {"--output": str(tmp_path / "notes.csv")}
+    assert "exists and was not written by this script" in outputs_problem(mine, [], lambda w, p: False)
+    assert outputs_problem(mine, [str(tmp_path / "img.png")], lambda w, p: w == "--output") is None  # ours: replaced

@@ -133,3 +133,46 @@ def test_plots_have_one_panel_per_ood_set_that_was_scored_three_to_a_row(tmp_pat
     empty = tmp_path / "none"
     empty.mkdir()
     assert write_plots(result(0, 2), str(empty)) == [] and not list(empty.iterdir())  # every OOD set missing
+
+
+def test_results_md_says_what_was_scored_with_what_settings_line_by_line():
+    """format_markdown by hand: every value of the header in its place (each one distinct, so that a
+    value shown under another's name shows), the tables, the group means and the throughput."""
+    from store.report import EvalResult, SetResult, format_markdown
+    meta = {"checkpoints": {"first": {"path": "r/checkpoint-0.pth", "kind": "dlsr", "epoch": 0},
+                            "end": {"path": "r/checkpoint-last.pth", "kind": "release", "epoch": 149}},
+            "id_dataset": "cifar10", "backbone": "efficientnet-b4@abc", "input_size": 224, "subset_timesteps_num": 3,
+            "eta": 0.5, "indexing": "consistent", "mfsim_layers": "all", "fpr95": "ood_positive", "seed": 7,
+            "device": "cuda", "processes": 2, "precision": "cuda-fp32", "noise_draws": 4, "layer_norm": True,
+            "groups": {"near1": "near", "far1": "far", "far2": "far"}, "baselines": ["kNN_k1"]}
+    sets = {"ID": SetResult("ID", "cifar10", 1000, features_from="cache", seconds=0.0),
+            "near1": SetResult("near1", "cifar100", 500, features_from="extracted", seconds=2.0),
+            "far1": SetResult("far1", "svhn", 300, features_from="extracted", seconds=4.0),
+            "far2": SetResult("far2", "folder:x", 0)}
+    m = {"AUROC": 0.9, "FPR95": 0.25, "AUPR_In": 0.875, "AUPR_Out": 0.5}
+    m2 = {"AUROC": 0.7, "FPR95": 0.75, "AUPR_In": 0.625, "AUPR_Out": 0.125}
+    metrics = {"LR_MFsim": {"near1": m, "far1": m2, "far2": None}, "kNN_k1": {"near1": m2, "far1": m, "far2": None}}
+    md = format_markdown(EvalResult("LR_MFsim", ["LR_MFsim", "kNN_k1"], sets, metrics, meta))
+    assert md.splitlines()[:7] == [
+        "# DLSR out-of-distribution detection", "",
+        "ID test set: cifar10 (1000 images). Checkpoints: first = r/checkpoint-0.pth (dlsr, epoch 0), "
+        "end = r/checkpoint-last.pth (release, epoch 149).",
+        "Backbone efficientnet-b4@abc at 224 px; k = 3, eta = 0.5, indexing consistent; MFsim layers: all; "
+        "FPR95 convention: ood_positive; seed 7; cuda x2, cuda-fp32.",
+        "Score variant (not the release's): 4 noise draws averaged, layer-normalised errors over all layers.",
+        "All metrics in percent, OOD is the positive class; higher score = more OOD.",
+        "Groups: near: near1; far: far1, far2."]
+    assert "## LR_MFsim  (headline)\n" in md and "## kNN_k1  (baseline on the same features, not DLSR)\n" in md
+    block = md.split("## LR_MFsim  (headline)\n")[1].split("\n## ")[0]
+    assert [line for line in block.splitlines() if line.startswith("| ") and "OOD set" not in line] == [
+        "| near1 | 500 | 90.00 | 25.00 | 87.50 | 50.00 |",
+        "| far1 | 300 | 70.00 | 75.00 | 62.50 | 12.50 |",
+        "| far2 | missing | - | - | - | - |",
+        "| **near mean** |  | 90.00 | 25.00 | 87.50 | 50.00 |",
+        "| **far mean** | incomplete (far2 missing) | - | - | - | - |",
+        "| **mean** | incomplete (far2 missing) | - | - | - | - |"]
+    assert md.endswith("| ID | 1000 | cache | - |\n| near1 | 500 | extracted | 250.0 |\n"
+                       "| far1 | 300 | extracted | 75.0 |\n| far2 | missing | missing | - |\n")
+    plain = format_markdown(EvalResult("MFsim", ["MFsim"], sets, {"MFsim": metrics["LR_MFsim"]},
+                                       {**meta, "noise_draws": 1, "layer_norm": False, "groups": {}}))
+    assert "Score variant" not in plain and "Groups:" not in plain and "**near mean**" not in plain

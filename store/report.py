@@ -132,9 +132,10 @@ def format_markdown(result: EvalResult) -> str:
               f"eta = {meta['eta']}, indexing {meta['indexing']}; MFsim layers: {meta['mfsim_layers']}; "
               f"FPR95 convention: {meta['fpr95']}; seed {meta['seed']}; {meta['device']} x{meta['processes']}, "
               f"{meta['precision']}.\n")
-    if meta.get("noise_draws", 1) > 1 or meta.get("layer_norm"):
-        out.write(f"Score variant (not the release's): {meta['noise_draws']} noise draws averaged"
-                  f"{', layer-normalised errors over all layers' if meta.get('layer_norm') else ''}.\n")
+    variant = ([f"{meta['noise_draws']} noise draws averaged"] if meta.get("noise_draws", 1) > 1 else []) + \
+        (["layer-normalised errors over all layers"] if meta.get("layer_norm") else [])
+    if variant:
+        out.write(f"Score variant (not the release's): {', '.join(variant)}.\n")
     out.write("All metrics in percent, OOD is the positive class; higher score = more OOD.\n")
     if meta.get("groups"):
         out.write("Groups: " + "; ".join(f"{g}: {', '.join(n for n, gg in meta['groups'].items() if gg == g)}"

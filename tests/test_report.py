@@ -176,3 +176,8 @@ def test_results_md_says_what_was_scored_with_what_settings_line_by_line():
     plain = format_markdown(EvalResult("MFsim", ["MFsim"], sets, {"MFsim": metrics["LR_MFsim"]},
                                        {**meta, "noise_draws": 1, "layer_norm": False, "groups": {}}))
     assert "Score variant" not in plain and "Groups:" not in plain and "**near mean**" not in plain
+    for draws, layer_norm, line in ((2, False, "2 noise draws averaged."),
+                                    (1, True, "layer-normalised errors over all layers.")):
+        one = format_markdown(EvalResult("MFsim", ["MFsim"], sets, {"MFsim": metrics["LR_MFsim"]},
+                                         {**meta, "noise_draws": draws, "layer_norm": layer_norm}))
+        assert f"Score variant (not the release's): {line}\n" in one  # either variant alone is named

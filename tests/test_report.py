@@ -181,3 +181,25 @@ def test_results_md_says_what_was_scored_with_what_settings_line_by_line():
         one = format_markdown(EvalResult("MFsim", ["MFsim"], sets, {"MFsim": metrics["LR_MFsim"]},
                                          {**meta, "noise_draws": draws, "layer_norm": layer_norm}))
         assert f"Score variant (not the release's): {line}\n" in one  # either variant alone is named
+
+
+def test_write_outputs_puts_the_folder_in_place_whole_and_returns_the_final_paths(tmp_path):
+    from store.report import EvalResult, SetResult, write_outputs
+    meta = {"checkpoints": {"end": {"path": "c.pth", "kind": "dlsr", "epoch": 2}}, "id_dataset": "digits",
+            "backbone": "lite0@1", "input_size": 32, "subset_timesteps_num": 3, "eta": 1.0, "indexing": "release",
+            "mfsim_layers": "release", "fpr95": "release", "seed": 0, "device": "cpu", "processes": 1,
+            "precision": "cpu-fp32"}
+    sets = {"ID": SetResult("ID", "digits", 3, {"MFsim": np.array([0.1, 0.2, 0.3])}, np.ones((3, 4)), "cache"),
+            "g": SetResult("g", "noise", 2, {"MFsim": np.array([0.5, 0.9])}, np.zeros((2, 4)), "extracted", 1.0)}
+    result = EvalResult("MFsim", ["MFsim"], sets, {"MFsim": {"g": {"AUROC": 1.0, "FPR95": 0.0, "AUPR_In": 1.0,
+                                                                 "AUPR_Out": 1.0}}}, meta)
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "stale.txt").write_text("a previous run's file")
+    paths = write_outputs(result, str(out), save_features=True, plots=False)
+    expected = {"scores/ID.npy", "scores/g.npy", "features/ID.npy", "features/g.npy", "results.md", "results.json",
+                "results.csv"}
+    assert sorted(paths) == sorted(str(out / p) for p in expected)
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == expected  # whole: no stale file
+    assert np.load(out / "scores" / "g.npy")["MFsim"].tolist() == [0.5, 0.9]
+    assert sorted(os.listdir(tmp_path)) == ["res"]  # no staging folder left beside it

@@ -204,3 +204,23 @@ def test_layer_norm_standardises_each_layer_by_the_training_vectors_statistics(t
     expected_mse = ((sq - sq_t.mean(0)) / sq_t.std(0, ddof=1)).mean(1)
     np.testing.assert_allclose(got["MFsim"], expected_mfsim, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["MSE"], expected_mse, rtol=1e-4, atol=1e-4)
+
+
+def test_each_images_noise_comes_from_its_own_seed_a_63_bit_digest_of_seed_role_and_image_key():
+    """docs/METHOD.md's derivation ("Noise"), by hand: sha256("SEED|ROLE|KEY"), its first 8 bytes little-endian,
+    the top bit cleared (a non-negative int64); image b's noise is torch.randn from that seed."""
+    import hashlib
+
+    from engine.scorer import image_noise, noise_seed
+    keys = torch.tensor([0, 1, 12345, -7, 2 ** 62 + 3] + list(range(100, 160)), dtype=torch.int64)
+    for seed, role in ((0, "end"), (3, "first")):
+        for key in keys.tolist():
+            digest = hashlib.sha256(f"{seed}|{role}|{key}".encode()).digest()
+            expected = int.from_bytes(digest[:8], "little") % 2 ** 63
+            assert noise_seed(seed, role, key) == expected, (seed, role, key)
+    noise = image_noise(keys[:3], 0, "end", 2, (5,))
+    assert noise.shape == (2, 3, 5)
+    for b, key in enumerate(keys[:3].tolist()):
+        g = torch.Generator().manual_seed(noise_seed(0, "end", key))
+        assert torch.equal(noise[:, b], torch.randn((2, 5), generator=g))
+    assert image_noise(keys[:0], 0, "end", 2, (5,)).shape == (2, 0, 5)

@@ -224,3 +224,23 @@ def test_each_images_noise_comes_from_its_own_seed_a_63_bit_digest_of_seed_role_
         g = torch.Generator().manual_seed(noise_seed(0, "end", key))
         assert torch.equal(noise[:, b], torch.randn((2, 5), generator=g))
     assert image_noise(keys[:0], 0, "end", 2, (5,)).shape == (2, 0, 5)
+
+
+def test_layer_statistics_over_more_vectors_than_one_chunk_use_each_vector_once(trained, tmp_path):
+    """eval.layer_norm's statistics come from up to 2000 ID training vectors, reconstructed 1024 at a
+    time: with 1500 they must equal the mean and std of the 1500 vectors' errors computed in one go."""
+    from engine.scorer import LAYER_STATS_VECTORS
+    from experiment.config import load_config
+    from engine.extraction import vector_keys
+    from scoring.scores import layer_errors
+    cfg = load_config(trained.config)
+    cfg.output_dir, cfg.train.epochs, cfg.eval.layer_norm = str(tmp_path / "ln"), 1, True
+    z = torch.randn(1500, 512, generator=torch.Generator().manual_seed(0))
+    assert 1024 < len(z) < LAYER_STATS_VECTORS
+    det = DLSRDetector(cfg, device="cpu").fit_features(z)
+    scorer = det.scorer
+    stats = scorer.layer_stats("end", 0)
+    errors = layer_errors(scorer._reconstruct(z, vector_keys(z), "end", 0), z, scorer.layers, cfg.eval)
+    for name, (mean, std) in stats.items():
+        torch.testing.assert_close(mean, errors[name].mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(std, errors[name].std(0) + 1e-12, rtol=1e-9, atol=1e-12)

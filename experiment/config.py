@@ -492,11 +492,12 @@ def _coerce(tp, value: Any, key: str, source: str):
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
-        if typing.get_origin(non_null(tp)) in (list, List, dict, Dict) and isinstance(value, (list, tuple, dict)):
-            return _coerce(non_null(tp), value, key, source)  # an element's own message names it
+        inner = non_null(tp)
         try:
-            return _coerce(non_null(tp), value, key, source)
+            return _coerce(inner, value, key, source)
         except UserError:
+            if typing.get_origin(inner) in (list, List, dict, Dict) and isinstance(value, (list, tuple, dict)):
+                raise  # an element's own message names it
             raise bad() from None  # "... or null"
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):

@@ -380,3 +380,25 @@ def test_layer_statistics_of_a_detector_fitted_on_features_come_from_those_featu
     assert torch.isfinite(scores).all()
     det.scorer.train_z, det.scorer._layer_stats = z * 3, {}  # other training vectors: other statistics
     assert not torch.allclose(det.predict_features(probe), scores)
+
+
+def test_to_moves_what_a_detector_holds_and_a_fresh_detector_builds_nothing_to_move(trained, monkeypatch):
+    """``to(device)`` before a baseline detector built its backbone only records the device; after,
+    the backbone, the baselines' fitted tensors and DLSR's networks all go there (the meta device
+    stands in for a GPU)."""
+    from tests.helpers import FAKE_GPU
+    from utils.distributed import resolve_device
+    monkeypatch.setattr("dlsr.detector.resolve_device", lambda d: FAKE_GPU if d == "cuda" else resolve_device(d))
+    for det in (KNNDetector(trained.config, k=1, device="cpu"), MahalanobisDetector(trained.config, device="cpu")):
+        assert det.to("cuda") is det and det.ctx.device == FAKE_GPU and det.extractor is None
+        det.to("cpu")
+        z, _ = det.features(digits_uint8()[:6])  # builds the backbone, on the CPU
+        det.fit_features(torch.cat([z] * 3) + torch.randn(18, z.shape[1]))
+        det.to("cuda")
+        assert all(p.is_meta for p in det.extractor.parameters()), det.name
+        tensors = [v for v in vars(det.baselines).values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(t.is_meta for t in tensors), det.name
+    det = DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
+    assert det.to("cuda") is det and det.scorer.ctx.device == FAKE_GPU
+    assert all(p.is_meta for p in det.extractor.parameters())
+    assert all(p.is_meta for m in det.scorer.models.values() for p in m.parameters())

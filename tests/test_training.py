@@ -135,7 +135,8 @@ def test_a_training_step_reads_the_device_once(tiny, monkeypatch):
     counters live on the CPU; under AMP the grad scaler reads one flag.)"""
     from engine.training import build_trainer
     cfg = load_config(tiny.write(train={"batch_size": 16, "subset": 64}))
-    trainer = build_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")), features=torch.randn(64, 512))
+    # (float64 vectors, as numpy gives them: the trainer takes them as float32)
+    trainer = build_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")), features=torch.randn(64, 512).double())
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__"):
         original = getattr(torch.Tensor, name)

@@ -58,8 +58,9 @@ benchmark-oneclass: install fashion-mnist
 MODULE ?= engine/prediction.py
 TESTS  ?=
 LIMIT  ?= 30
+SINCE  ?=
 mutate: install
-	$(PY) tests/mutate.py $(MODULE) --limit $(LIMIT) $(if $(TESTS),--tests $(TESTS))
+	$(PY) tests/mutate.py $(MODULE) --limit $(LIMIT) $(if $(TESTS),--tests $(TESTS)) $(if $(SINCE),--since $(SINCE))
 
 bench: install
 	$(PY) bench/bench_train.py

@@ -1,7 +1,7 @@
 """Planted bugs, one at a time: which of a module's small, plausible mistakes does the suite catch?
 
     make mutate MODULE=engine/prediction.py [LIMIT=30] [KINDS="operator mistake"]
-    python tests/mutate.py engine/prediction.py --limit 30 [--seed 0] [--kinds operator mistake]
+    python tests/mutate.py engine/prediction.py --limit 30 [--seed 0] [--kinds operator mistake] [--since REV]
 
 Two families of one-spot changes of the module's syntax tree:
 
@@ -13,6 +13,9 @@ Two families of one-spot changes of the module's syntax tree:
   statement calling barrier / all_reduce / broadcast ..., or ``x.to(device)`` read as ``x``), an
   off-by-one in a slice bound or a ``range`` end, a dictionary key or attribute string replaced by
   another string key of the module.
+
+``--since REV`` draws only from the lines the module added or changed since a git revision (the
+newest code: where the last round's tests are thinnest).
 
 Each mutant is written into a scratch copy of the repository. "Caught" means the whole suite fails:
 first the tests named for the module (``--tests``; by default tests/test_<module>.py, else the files
@@ -186,6 +189,19 @@ def docstring_lines(tree: ast.AST) -> set:
     return lines
 
 
+def changed_lines(module: str, rev: str) -> set:
+    """Line numbers of ``module`` (as it is now) added or changed since ``rev``; all of them for a file
+    that was elsewhere or absent then (git follows no renames here: a moved module counts as new)."""
+    out = subprocess.run(["git", "diff", "--unified=0", "--no-color", rev, "--", module], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"mutate.py: git diff {rev} failed: {out.stderr.strip()}")
+    lines = set()
+    for start, count in re.findall(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", out.stdout, flags=re.M):
+        lines.update(range(int(start), int(start) + (1 if count == "" else int(count))))
+    return lines
+
+
 def module_tests(module: str) -> list:
     """The fast first stage: tests/test_<name>.py, else the test files that name the module."""
     name = os.path.splitext(os.path.basename(module))[0]
@@ -221,6 +237,7 @@ def main() -> None:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--limit", type=int, default=30, help="mutants to try, drawn at random (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--since", metavar="REV", help="only lines added or changed since this git revision")
     p.add_argument("--skip", type=int, default=0, help="skip the first SKIP mutants drawn (to continue a run)")
     p.add_argument("--timeout", type=int, default=900, help="seconds one pytest run may take (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="pytest-xdist workers of the whole-suite stage")
@@ -229,12 +246,15 @@ def main() -> None:
     tree = ast.parse(source)
     skip = docstring_lines(tree)
     all_sites = [s for s in sites(tree) if s.line not in skip and s.kind in args.kinds]
+    if args.since:
+        newer = changed_lines(args.module, args.since)
+        all_sites = [s for s in all_sites if s.line in newer]
     order = list(range(len(all_sites)))
     random.Random(args.seed).shuffle(order)
     chosen = sorted(order[:args.limit])[args.skip:]
     first = args.tests or module_tests(args.module)
     by_kind = Counter(s.kind for s in all_sites)
-    print(f"{args.module}: {len(all_sites)} sites ({', '.join(f'{k} {n}' for k, n in by_kind.items())}), trying "
+    print(f"{args.module}: {len(all_sites)} sites{f' on lines changed since {args.since}' if args.since else ''} ({', '.join(f'{k} {n}' for k, n in by_kind.items())}), trying "
           f"{len(chosen)}; first stage: {' '.join(first)}; then {'nothing' if args.first_only else 'the whole suite'}")
     outcomes, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mutate-") as scratch:

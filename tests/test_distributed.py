@@ -166,7 +166,7 @@ def test_rows_go_to_ranks_in_blocks_round_robin_and_come_back_in_order(monkeypat
     (1, 1, None, [0], False, "from 0", False, True),       # the same node as rank 0: rank 0 stores it
     (0, 0, None, [1], False, "from 1", True, True),        # only rank 1 holds it: sent from rank 1
     (0, 0, None, [], False, "computed", True, False),      # nobody: computed together, rank 0 stores
-    (1, 0, None, [], True, "computed", False, False),      # a shared folder rank 0 already wrote to
+    (1, 0, None, [], True, "computed", False, False),      # a shared folder: rank 0 wrote before the barrier ended
     (1, 0, "B", [1], False, "from 1", False, True),        # a holder keeps nothing of its own to store
 ])
 def test_a_record_held_by_some_ranks_is_sent_from_the_lowest_holder_and_stored_where_missing(
@@ -176,11 +176,16 @@ def test_a_record_held_by_some_ranks_is_sent_from_the_lowest_holder_and_stored_w
     import utils.distributed as distributed
     from utils.distributed import DistContext, agreed_record
     monkeypatch.setattr(distributed, "ranks_holding", lambda flag, ctx: holders)
-    monkeypatch.setattr(distributed, "barrier", lambda ctx: None)
     path = tmp_path / "record.json"
-    if exists:
-        path.write_text("rank 0's")
+    barriers = []
+
+    def barrier(ctx):  # where rank 0 stores on a folder all nodes share, its copy is there once the barrier ends
+        barriers.append(ctx.rank)
+        if exists:
+            path.write_text("rank 0's")
+    monkeypatch.setattr(distributed, "barrier", barrier)
     writes = []
     got = agreed_record(DistContext(rank, 2, local_rank, torch.device("cpu")), str(path), lambda: own,
                         lambda mine, src: f"from {src}", lambda: "computed", writes.append)
     assert got == (record, held) and writes == ([record] if stored else [])
+    assert len(barriers) == 2  # every rank, whatever it holds: the same collectives

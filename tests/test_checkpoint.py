@@ -16,10 +16,11 @@ from store.checkpoint import (
     check_against,
     load_checkpoint,
     make_payload,
+    peek,
     save_checkpoint,
     weights_checksum,
 )
-from tests.helpers import error_line, try_evaluate, write_release_checkpoint
+from tests.helpers import Exploit, error_line, try_evaluate, write_release_checkpoint
 
 
 def lite0(input_size: int, digest: str) -> BackboneId:
@@ -35,14 +36,6 @@ def small_lfdn(dim=512, seed=0):
     for p in m.parameters():  # non-zero everywhere, so raw and EMA weights are told apart
         torch.nn.init.normal_(p)
     return m
-
-
-class Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_release_layout_loads_with_ema_weights_and_backbone(tmp_path):
@@ -113,6 +106,7 @@ def test_a_pickle_that_runs_code_is_refused_not_executed(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "x": Exploit(marker)}, str(path))
     with pytest.raises(UserError, match="refused to load"):
         load_checkpoint(str(path))
+    assert peek(str(path)) is None  # the launcher's and --resume auto's quick look
     assert not marker.exists()
 
 

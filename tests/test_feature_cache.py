@@ -12,8 +12,8 @@ from engine.extraction import features_for, features_tag, mode_of
 from engine.factory import build_extractor
 from experiment.config import load_config
 from models.features import MultiLayerFeatures
-from store.feature_cache import cache_path
-from tests.helpers import CPU, try_evaluate
+from store.feature_cache import cache_path, read_valid
+from tests.helpers import CPU, Exploit, try_evaluate
 from utils.precision import EMULATED_BF16_ENV
 
 
@@ -28,6 +28,14 @@ def test_a_truncated_cache_file_is_called_damaged_and_rebuilt(trained, tmp_path,
     assert "is damaged (unreadable); extracting again" in proc.stderr
     assert np.array_equal(np.load(out / "scores" / "g.npy"), before)
     assert torch.load(victim, weights_only=True)["features"].shape == (50, 512)
+
+
+def test_a_cache_file_that_asks_to_run_code_is_called_damaged_not_run(tmp_path, caplog):
+    marker, path = tmp_path / "pwned", tmp_path / "c.pt"
+    key = {"dataset": "x"}
+    torch.save({"key": key, "features": torch.zeros(4, 3), "image_keys": torch.zeros(4), "x": Exploit(marker)}, path)
+    assert read_valid(str(path), key, (4, 3)) is None and "is damaged (unreadable)" in caplog.text
+    assert not marker.exists()
 
 
 def test_the_backbone_batch_alone_changes_the_cache_file(tiny, tmp_path):

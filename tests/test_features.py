@@ -21,7 +21,7 @@ from store.checkpoint import (
     load_checkpoint,
 )
 from store.feature_cache import cache_key
-from tests.helpers import CPU
+from tests.helpers import CPU, Exploit
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +181,15 @@ def test_backbone_weights_that_do_not_fit_are_refused(tmp_path):
     torch.save(MultiLayerFeatures("efficientnet-b4", weights="random").backbone.state_dict(), path)
     with pytest.raises(UserError, match="not weights of this backbone"):
         MultiLayerFeatures("efficientnet-lite0", weights=str(path))
+
+
+def test_a_weights_file_that_asks_to_run_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    sd = dict(MultiLayerFeatures("efficientnet-lite0").backbone.state_dict())
+    torch.save({**sd, "x": Exploit(marker)}, tmp_path / "w.pth")
+    with pytest.raises(UserError, match="cannot read backbone weights .*w.pth"):
+        MultiLayerFeatures("efficientnet-lite0", weights=str(tmp_path / "w.pth"))
+    assert not marker.exists()
 
 
 def test_local_weights_file_is_used(tmp_path):

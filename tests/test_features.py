@@ -190,6 +190,12 @@ def test_a_weights_file_that_asks_to_run_code_is_refused_not_run(tmp_path):
     with pytest.raises(UserError, match="cannot read backbone weights .*w.pth"):
         MultiLayerFeatures("efficientnet-lite0", weights=str(tmp_path / "w.pth"))
     assert not marker.exists()
+    (tmp_path / "t.pth").write_text("not weights")
+    (tmp_path / "e.pth").write_bytes(b"")
+    for name in ("t.pth", "e.pth"):  # one line naming the file, whatever the reader's message
+        with pytest.raises(UserError, match=f"cannot read backbone weights .*{name}: ") as e:
+            MultiLayerFeatures("efficientnet-lite0", weights=str(tmp_path / name))
+        assert "\n" not in str(e.value)
 
 
 def test_local_weights_file_is_used(tmp_path):

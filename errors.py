@@ -38,3 +38,11 @@ def one_line(exc: BaseException) -> str:
 def _shortened(match) -> str:
     word = match.group(0)
     return f"{word[:80]}...({len(word) - 160} characters)...{word[-80:]}"
+
+
+def load_refusal(exc: BaseException) -> str:
+    """The line of a ``torch.load(weights_only=True)`` error that says what the file holds: the global
+    it asks for where it names one (torch's first line advises loading with ``weights_only=False``,
+    which this code never does), else the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else exc.__class__.__name__)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from errors import UserError
+from errors import UserError, load_refusal
 from models.diffusion import GaussianDiffusion
 from models.features import BackboneId, weights_digest
 from models.backbones import fixed_backbones
@@ -97,7 +97,7 @@ def read_raw(path: str) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).splitlines()[0] if str(e) else "disallowed content"
+        detail = load_refusal(e)
         raise UserError(f"{path}: refused to load: it asks to run code or build objects that are not "
                         f"weights ({detail}); only plain checkpoints are loaded") from None
     except Exception as e:  # truncated zip, garbage bytes (KeyError/EOFError from the unpickler), ...

@@ -104,8 +104,9 @@ def test_a_pickle_that_runs_code_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "x": Exploit(marker)}, str(path))
-    with pytest.raises(UserError, match="refused to load"):
+    with pytest.raises(UserError, match="refused to load: it asks to run code") as e:
         load_checkpoint(str(path))
+    assert "GLOBAL posix.system" in str(e.value) and "False" not in str(e.value)  # what it asks for, no advice to allow it
     assert peek(str(path)) is None  # the launcher's and --resume auto's quick look
     assert not marker.exists()
 

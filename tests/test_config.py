@@ -299,7 +299,9 @@ def test_a_value_of_the_wrong_type_or_range_in_the_file_is_named_with_what_it_sh
 def test_a_file_that_is_not_a_mapping_not_utf8_or_based_on_a_non_name_is_refused_in_one_line(tmp_path):
     cases = {"list.yaml": (b"- 1\n- 2\n", "the file must be a mapping, got list"),
              "latin1.yaml": ("device: caf\u00e9\n".encode("latin-1"), "is not UTF-8 text (invalid continuation byte"),
-             "base.yaml": (b"base: [a.yaml]\n", "base must name a YAML file, got ['a.yaml']")}
+             "base.yaml": (b"base: [a.yaml]\n", "base must name a YAML file, got ['a.yaml']"),
+             "bell.yaml": (b"train:\n  epochs: 1\x07\n",  # the reader's error: no line and column, its cause first
+                           "is not valid YAML: unacceptable character #x0007: special characters are not allowed")}
     for name, (data, expected) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError) as e:

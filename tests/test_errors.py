@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from datasets import build_dataset
-from errors import UserError, one_line
+from errors import UserError, load_refusal, one_line
 from tests.helpers import save_images
 
 
@@ -26,3 +26,13 @@ def test_a_word_longer_than_the_limit_keeps_its_ends_and_says_how_much_was_left_
     fits = "b" * LONG_WORD
     assert one_line(UserError(f"x {fits} y")) == f"x {fits} y"  # at the limit: kept whole
     assert one_line(UserError("two\nlines")) == "two\\nlines" and one_line(UserError("")) == "UserError"
+
+
+def test_a_refused_load_is_told_by_the_global_it_asks_for_else_its_first_line():
+    import pickle
+    torch_says = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+                  "succeed\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck")
+    assert load_refusal(pickle.UnpicklingError(torch_says)) == \
+        "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+    assert load_refusal(pickle.UnpicklingError("\n  invalid load key, 'n'.\nmore")) == "invalid load key, 'n'."
+    assert load_refusal(EOFError()) == "EOFError"

@@ -96,6 +96,14 @@ def test_timm_weights_come_from_a_local_file_or_the_cache_and_are_refused_withou
         MultiLayerFeatures("timm:resnet18")
     with pytest.raises(UserError, match="timm has no model 'no_such_net'"):
         MultiLayerFeatures("timm:no_such_net", "random")
+    for said in ("features_only not implemented for resnet18", "first line\nsecond line"):
+        def refuse(*a, said=said, **k):
+            raise RuntimeError(said)
+        monkeypatch.setattr(timm, "create_model", refuse)
+        with pytest.raises(UserError) as e:
+            MultiLayerFeatures("timm:resnet18", "random")
+        assert str(e.value) == ("backbone 'timm:resnet18': timm could not build it with features_only "
+                                f"(RuntimeError: {said.splitlines()[0]})")
 
 
 def test_timm_weights_are_found_in_the_hugging_face_cache_or_torch_hub_folder(tmp_path, monkeypatch):

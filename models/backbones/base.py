@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from errors import UserError
+from errors import UserError, load_refusal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,7 +111,7 @@ def read_weights(path: str):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {e}".splitlines()[0]) \
+            raise UserError(f"cannot read backbone weights {path}: {e.__class__.__name__}: {load_refusal(e)}") \
                 from None
         _read.clear()  # one file held: a process uses one backbone
         _read[key] = state

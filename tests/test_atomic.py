@@ -89,6 +89,27 @@ def test_a_ctrl_c_held_during_a_write_goes_to_the_handler_that_was_there_before(
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_ctrl_c_held_where_sigint_has_its_default_action_ends_the_process_after_the_write(tmp_path):
+    """(A process started with SIGINT at SIG_DFL, not Python's handler: the held Ctrl-C still ends it,
+    by the signal, once the file is complete.)"""
+    from store.atomic import atomic_file
+    path = tmp_path / "a.txt"
+    pid = os.fork()
+    if pid == 0:  # the child: ends by SIGINT, or says how it did not
+        code = 3
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            with atomic_file(str(path), "w") as f:
+                f.write("new")
+                signal.raise_signal(signal.SIGINT)
+            code = 0  # the held Ctrl-C was lost
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT, status
+    assert path.read_text() == "new"
+
+
 def test_a_second_name_is_a_copy_where_hard_links_fail_and_no_temporary_is_left(tmp_path, monkeypatch):
     from store.atomic import atomic_link
     src, dst = tmp_path / "checkpoint-3.pth", tmp_path / "checkpoint-last.pth"

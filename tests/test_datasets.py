@@ -134,21 +134,23 @@ def test_offline_sets():
 def test_digits_and_photos_are_scikit_learns_read_without_importing_it(monkeypatch, found):
     """The files scikit-learn ships, read as its loaders read them; where the package's layout
     differs (no file found), its own loaders."""
+    import sklearn.datasets
     from sklearn.datasets import load_sample_images
 
     import datasets.synthetic as synthetic
+    reference, expected = load_digits(), load_sample_images().images
     if not found:
         monkeypatch.setattr(synthetic, "_sklearn_file", lambda *parts: "")
     else:
         assert synthetic._sklearn_file("data", "digits.csv.gz")
-    reference = load_digits()
+        for name in ("load_digits", "load_sample_images"):  # the files are read by our code, not by these
+            monkeypatch.setattr(sklearn.datasets, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} called"))
     images, target = synthetic._digits()
     assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
     assert target.dtype == reference.target.dtype and np.array_equal(target, reference.target)
     digits = build_dataset("digits", "test", "./nowhere", 8)
     assert np.array_equal(digits.array, np.round(reference.images * (255.0 / 16.0)).astype(np.uint8))
     photos = synthetic._sample_photos()
-    expected = load_sample_images().images
     assert len(photos) == len(expected) == 2
     assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(photos, expected))
 

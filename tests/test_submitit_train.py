@@ -230,8 +230,13 @@ def test_the_evaluation_job_scores_the_finished_runs_first_and_last_checkpoints(
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # put back after the test (the job sets them)
         monkeypatch.delenv(name)
+    import submitit_train
+    ports, run_task = [], submitit_train.run_task
+    monkeypatch.setattr(submitit_train, "run_task", lambda entry, argv: ports.append(os.environ["MASTER_PORT"])
+                        or run_task(entry, argv))
     small = ["--dataset", "digits@0", "--ood", "few=noise:gaussian:20"]  # two small sets: what is scored is the point
     assert Evaluation(str(run), ["--pretrained_ldm_cfg", trained.config, "--no_plots", *small])() == "evaluated"
+    assert len(ports) == 2 and ports[0] != ports[1]  # each script's process group at a port of its own
     mse = json.loads((run / "results-checkpoint-last" / "results.json").read_text())["meta"]["checkpoints"]
     lr = json.loads((run / "results-LR" / "results.json").read_text())["meta"]["checkpoints"]
     assert [c["path"] for c in mse.values()] == [str(run / "checkpoint-last.pth")]

@@ -245,7 +245,8 @@ def test_the_evaluation_job_scores_the_finished_runs_first_and_last_checkpoints(
 
 
 def test_on_slurm_the_evaluation_job_waits_for_the_training_job_to_end_well(tiny, tmp_path, monkeypatch, capsys):
-    """What submit hands the executor on a cluster (no Slurm here: an executor that records it)."""
+    """What submit hands the executor on a cluster (no Slurm here: an executor that records it), and
+    on this machine (--cluster local), where each job is waited for in turn."""
     import types
 
     import submitit_train
@@ -263,7 +264,8 @@ def test_on_slurm_the_evaluation_job_waits_for_the_training_job_to_end_well(tiny
             self.submitted.append((fn, dict(self.parameters["additional_parameters"])))
             job_id = str(100 + len(self.submitted))
             return types.SimpleNamespace(job_id=job_id, paths=types.SimpleNamespace(stdout=f"{job_id}.out",
-                                                                                 stderr=f"{job_id}.err"))
+                                                                                 stderr=f"{job_id}.err"),
+                                         results=lambda: [f"job {job_id}'s result"])
 
     ex = Recorder()
     seen = []
@@ -284,3 +286,11 @@ def test_on_slurm_the_evaluation_job_waits_for_the_training_job_to_end_well(tiny
     assert submitit_train.submit(["--cluster", "slurm", "--config", cfg, "--output_dir", str(tmp_path / "o"),
                                   "--job_dir", str(tmp_path / "j")]) == {"train": "101"}
     assert len(ex.submitted) == 1  # no --evaluate: no second job
+    ex.__init__()  # on this machine: each job waited for in turn, the evaluation with no dependency
+    capsys.readouterr()
+    assert submitit_train.submit(["--cluster", "local", "--evaluate", "--config", cfg, "--output_dir",
+                                  str(tmp_path / "l"), "--job_dir", str(tmp_path / "j")]) == {"train": "101", "evaluate": "102"}
+    (train, train_extra), (evaluation, eval_extra) = ex.submitted
+    assert isinstance(evaluation, Evaluation) and evaluation.output_dir == str(tmp_path / "l") and "dependency" not in eval_extra
+    printed = capsys.readouterr().out
+    assert "training job 101: job 101's result" in printed and "evaluation job 102: job 102's result" in printed

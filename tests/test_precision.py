@@ -178,3 +178,5 @@ def test_the_fast_path_takes_the_fused_swish_on_b4_only_and_says_so_in_the_cache
     assert not b4.fused_swish and isinstance(b4.backbone._swish, MemoryEfficientSwish)
     backbone_features(lite, images, CPU, "bf16-autocast")
     assert not lite.fused_swish and isinstance(lite.backbone._swish, torch.nn.ReLU6)  # Lite0 keeps its ReLU6
+    lite.use_fused_swish(True)  # asked directly (bench/bench_precision.py): a no-op without a swish
+    assert not lite.fused_swish and features_tag("bf16-autocast", lite, "cpu") == "cpu-bf16-autocast"

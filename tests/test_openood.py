@@ -10,6 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from datasets import build_dataset
+from datasets.openood import MissingData, list_path
 from dlsr.detector import DLSRDetector
 from errors import UserError
 from tests.helpers import run_inprocess
@@ -109,6 +110,9 @@ def test_a_missing_root_or_list_names_the_path_and_the_download_script(oo, tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "no OpenOOD data root at" in last and "download script" in last
     assert str(tmp_path / "nowhere" / "benchmark_imglist" / "cifar10") in last
+    (tmp_path / "images").mkdir()  # a folder that is there, but not an OpenOOD root (no image lists in it)
+    with pytest.raises(MissingData, match="no OpenOOD data root at .*images: expected .*images/benchmark_imglist/cifar10/"):
+        list_path(str(tmp_path / "images"), "cifar10", None, "test")
     root = _broken_root(oo, tmp_path, "test_cifar10", "")
     os.remove(root / "benchmark_imglist" / "cifar10" / "test_svhn.txt")
     proc = run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", oo.ckpt_path, "--data_path", str(root),
@@ -160,7 +164,7 @@ def test_each_list_is_read_from_the_folder_openood_assigns(tmp_path):
 
 
 def test_the_ood_validation_list_is_found_by_its_names_newest_first(tmp_path):
-    from datasets.openood import MissingData, ood_val_name
+    from datasets.openood import ood_val_name
     folder = tmp_path / "cifar10"
     folder.mkdir()
     for name in ("val_cifar10.txt", "val_cinic10.txt", "val_cifar100.txt"):

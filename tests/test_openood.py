@@ -94,6 +94,7 @@ def test_class_filters_and_the_val_split(oo):
     ("FIRST zero\n", "line 1: expected 'relative/path label' with an integer label"),
     ("cifar10/../../../x.png 0\n", "line 1: 'cifar10/../../../x.png' leaves the image folder"),  # inside the path
     (" FIRST 0\n", "line 1: the line starts with whitespace"),
+    ("  " + "x" * 60 + ".png 0\n", r"line 1: the line starts with whitespace \('  x{38}'\)"),  # its first 40 characters
     ("cifar10/test 0\n", "line 1: .*cifar10/test is a folder, not an image file"),
 ])
 def test_a_bad_list_is_refused_in_one_line_before_any_extraction(oo, tmp_path, lines, says):

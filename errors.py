@@ -43,6 +43,6 @@ def _shortened(match) -> str:
 def load_refusal(exc: BaseException) -> str:
     """The line of a ``torch.load(weights_only=True)`` error that says what the file holds: the global
     it asks for where it names one (torch's first line advises loading with ``weights_only=False``,
-    which this code never does), else the first line."""
+    which this code never does), else its first line that is not blank, else the error's class."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else exc.__class__.__name__)

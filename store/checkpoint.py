@@ -97,12 +97,11 @@ def read_raw(path: str) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = load_refusal(e)
         raise UserError(f"{path}: refused to load: it asks to run code or build objects that are not "
-                        f"weights ({detail}); only plain checkpoints are loaded") from None
+                        f"weights ({load_refusal(e)}); only plain checkpoints are loaded") from None
     except Exception as e:  # truncated zip, garbage bytes (KeyError/EOFError from the unpickler), ...
-        detail = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        raise UserError(f"{path}: not a readable checkpoint, truncated or not a torch file ({detail})") from None
+        raise UserError(f"{path}: not a readable checkpoint, truncated or not a torch file ({load_refusal(e)})") \
+            from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise UserError(f"{path}: not a DLSR checkpoint (expected a dict with a 'model' state dict)")
     return obj

@@ -127,6 +127,8 @@ def test_existing_checkpoints_need_resume_or_overwrite_and_lr_pairs_come_from_on
                                "--pretrained_ldm_ckpt_end", str(tmp_path / "ck" / "checkpoint-last.pth"),
                                script="test_LR.py"))
     assert "different training runs" in line
+    assert f"first: {trained.ckpt / 'checkpoint-0.pth'} (run {old.run_id[:8]})" in line  # the ids' first 8 characters
+    assert f"end: {tmp_path / 'ck' / 'checkpoint-last.pth'} (run {new.run_id[:8]})" in line
 
 
 def test_a_training_step_reads_the_device_once(tiny, monkeypatch):

@@ -2,7 +2,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -10,7 +9,6 @@ if ROOT not in sys.path:
 
 # Two cores: one pytest process uses both; under pytest-xdist (-n 2) each worker takes one.
 WORKER_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-torch.set_num_threads(WORKER_THREADS)
 
 
 # The test files that take longest (measured with --durations; docs/USAGE.md, "Tests"), longest first.
@@ -26,6 +24,11 @@ SLOWEST_FIRST = ("test_submitit_train.py", "test_training.py", "test_multinode.p
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
         config.option.loadscopereorder = False
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        # A process that runs tests. pytest-xdist's controller runs none: it imports neither torch
+        # nor the library (seconds of start-up on the cores its workers start on).
+        import torch
+        torch.set_num_threads(WORKER_THREADS)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,30 +53,22 @@ def trained(tmp_path_factory):
     return t
 
 
-import os
-import sys
-
-import pytest
-import torch
-import yaml
-
-from dlsr.detector import DLSRDetector
-from tests.helpers import PRESET, ROOT, Tiny, make_openood_root, run_inprocess
-
-
 @pytest.fixture(scope="session")
 def detector(trained):
+    from dlsr.detector import DLSRDetector
     return DLSRDetector.from_checkpoint(str(trained.ckpt / "checkpoint-last.pth"), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_shared(tmp_path_factory):
     """A tiny config whose feature cache is shared by the tests of this module."""
+    from tests.helpers import Tiny
     return Tiny(tmp_path_factory.mktemp("honoured"))
 
 
 @pytest.fixture(scope="session")
 def baseline(trained):
+    from tests.helpers import run_inprocess
     out = trained.tmp / "honoured-default"
     if not out.exists():
         run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
@@ -84,6 +79,9 @@ def baseline(trained):
 @pytest.fixture(scope="session")
 def oo(tmp_path_factory):
     """A miniature root, and a tiny run trained on openood:cifar10 with the preset's OOD sets and groups."""
+    import yaml
+
+    from tests.helpers import PRESET, Tiny, make_openood_root, run_inprocess
     tmp = tmp_path_factory.mktemp("openood")
     t = Tiny(tmp)
     t.root = tmp / "OpenOOD"

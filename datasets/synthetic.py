@@ -1,7 +1,8 @@
-"""Sets that need no download: ``digits`` (scikit-learn's 8x8 handwritten digits), ``photos[:N]`` (N
-seeded 96 px crops of scikit-learn's two sample photographs, default 1000), ``noise:gaussian[:N]`` and
-``noise:uniform[:N]`` (N seeded 32x32 RGB noise images, default 1000). Train and test draws differ,
-so a set is never scored on its own training images."""
+"""Sets that need no download: ``digits[:N]`` (the first N of scikit-learn's 1797 8x8 handwritten
+digits, default all), ``photos[:N]`` (N seeded 96 px crops of scikit-learn's two sample photographs,
+default 1000), ``noise:gaussian[:N]`` and ``noise:uniform[:N]`` (N seeded 32x32 RGB noise images,
+default 1000). The photos' and the noise's train and test draws differ, so those sets are never
+scored on their own training images; the digits are one fixed set, the same in both splits."""
 import glob
 import importlib.util
 import os
@@ -67,7 +68,10 @@ def _sample_photos():
 
 def digits(arg, split, data_path, size, download):
     images, target = _digits()
-    return ArrayImages("digits", np.round(images * (255.0 / 16.0)).astype(np.uint8), size, target,
+    n = _count(arg, len(images))
+    if n > len(images):
+        raise UserError(f"digits:{n}: scikit-learn's digits are {len(images)} images")
+    return ArrayImages("digits", np.round(images[:n] * (255.0 / 16.0)).astype(np.uint8), size, target[:n],
                        [str(i) for i in range(10)])
 
 
@@ -97,7 +101,7 @@ def noise(arg, split, data_path, size, download):
 
 
 KINDS = (
-    Kind("digits", digits, "digits"),
+    Kind("digits", digits, "digits[:N]"),
     Kind("photos", photos, "photos[:N]"),
     Kind("noise", noise, "noise:gaussian[:N]|noise:uniform[:N]"),
 )

@@ -123,6 +123,19 @@ def test_offline_sets():
     assert digits[0].shape == (16, 16)
     photos = build_dataset("photos:50", "test", "./nowhere", 16)
     assert len(photos) == 50 and photos[0].shape == (16, 16, 3)
+    reference = load_digits()
+    for spec, n in (("digits:453", 453), ("digits:1797", 1797), ("digits:1", 1)):  # the first N, labels with them
+        first = build_dataset(spec, "train", "./nowhere", 8)
+        assert np.array_equal(first.array, np.round(reference.images[:n] * (255.0 / 16.0)).astype(np.uint8)), spec
+        assert np.array_equal(first.labels, reference.target[:n]), spec
+    threes = build_dataset("digits:100@3", "test", "./nowhere", 8)  # the first 100, then the class
+    assert len(threes) == int((reference.target[:100] == 3).sum()) and set(threes.labels) == {3}
+    for spec, says in (("digits:1798", "digits:1798: scikit-learn's digits are 1797 images"),
+                       ("digits:0", "the image count (after the last ':') must be positive, got 0"),
+                       ("digits:all", "expected an image count, got 'all'")):
+        with pytest.raises(UserError) as e:
+            build_dataset(spec, "test", "./nowhere", 8)
+        assert says in str(e.value), spec
     g1 = build_dataset("noise:gaussian:20", "test", "./nowhere", 16)
     g2 = build_dataset("noise:gaussian:20", "test", "./nowhere", 16)
     gt = build_dataset("noise:gaussian:20", "train", "./nowhere", 16)

@@ -1,11 +1,9 @@
 """Two nodes of one rank each over localhost, each with its own cache folder: training and evaluation
 (ranks forked with torchrun's variables, tests.helpers.run_forked_ranks), and a SIGTERM to one rank
-of a run launched by two torchrun agents."""
+of a two-node run."""
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 from store.checkpoint import (
     load_checkpoint,
 )
-from tests.helpers import ROOT, Tiny, run_forked_ranks, run_inprocess
+from tests.helpers import Tiny, run_forked_ranks, run_inprocess, start_forked_ranks
 
 
 
@@ -87,15 +85,11 @@ def test_evaluation_on_two_nodes_when_one_or_no_node_holds_the_cache(single, hol
 
 def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_an_uninterrupted_one(single):
     """A preemption that reaches one rank only: the ranks agree (the request travels with the loss's
-    all-reduce), rank 0 writes checkpoint-last.pth, every rank exits 143; resumed on two nodes (forked), the
-    run ends with the weights of an uninterrupted run (one process at the same global batch: equal to
-    the rounding of the ranks' sums, as in the training test above; the bit-for-bit resume of one
-    process is test_training's, of a two-task job test_submitit_train's)."""
-
-    import psutil
-
-    from tests.helpers import free_port
-
+    all-reduce), rank 0 writes checkpoint-last.pth, every rank exits 143; resumed, the run ends with
+    the weights of an uninterrupted run (one process at the same global batch: equal to the rounding
+    of the ranks' sums, as in the training test above; the bit-for-bit resume of one process is
+    test_training's, of a two-task job test_submitit_train's). The ranks, each its own node, are
+    forked with torchrun's variables (torchrun's own handling of a signal: test_two_ranks.py)."""
     t = single
     cfg = t.write("long.yaml", train={"epochs": 7, "batch_size": 16, "save_every": 100})
 
@@ -104,23 +98,18 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     with one_thread():
         run_inprocess("main.py", "--config", reference)
     stopped = t.tmp / "stopped"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--nnodes=2", f"--node_rank={i}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               "main.py", "--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
-                               str(stopped if i == 0 else t.tmp / "stopped-node1")],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    ranks = start_forked_ranks("main.py", [["--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
+                                            str(stopped if i == 0 else t.tmp / "stopped-node1")] for i in range(2)],
+                               per_node=1)
     log, start = stopped / "log.txt", time.time()
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        assert time.time() - start < 200 and procs[0].poll() is None, "the run ended before the signal"
+        assert time.time() - start < 200 and os.waitpid(ranks.pids[0], os.WNOHANG)[0] == 0, \
+            "the run ended before the signal"
         time.sleep(0.05)
-    worker = next(c for c in psutil.Process(procs[1].pid).children(recursive=True) if "main.py" in c.cmdline())
-    worker.send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode != 0 for p in procs)
-    assert any("stopped: SIGTERM received" in err for _, err in outs), outs[1][1][-2000:]
+    os.kill(ranks.pids[1], signal.SIGTERM)
+    results = ranks.wait(timeout=300, check=False)
+    assert [r.returncode for r in results] == [143, 143], [r.stderr[-2000:] for r in results]
+    assert "stopped: SIGTERM received" in results[1].stderr, results[1].stderr[-2000:]
     ck = load_checkpoint(str(stopped / "checkpoint-last.pth"))
     assert 1 <= ck.epoch < 6
     run_forked_ranks("main.py", [["--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",

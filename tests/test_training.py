@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from store.checkpoint import (
 from tests.helpers import (
     CPU,
     ROOT,
+    Forked,
     Tiny,
     error_line,
     hold_lock,
@@ -69,17 +69,6 @@ def assert_equal_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def _wait_for(predicate, proc, timeout=120):
-    start = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if time.time() - start > timeout:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 SIGNAL_RUN = dict(train={"epochs": 6, "save_every": 10, "subset": 512, "batch_size": 16})
@@ -186,8 +175,8 @@ def test_accumulation_trains_what_the_larger_batch_trains(tiny):
     assert gap(resumed, big) < 5e-5
 
 
-def test_a_resumed_run_keeps_its_id_and_lr_takes_the_pair(tiny):
-    cfg = tiny.write(train={"epochs": 2, "save_every": 5})
+def test_a_resumed_run_keeps_its_id_and_lr_takes_the_pair(tiny, trained):
+    cfg = tiny.write(train={"epochs": 2, "save_every": 5}, cache_dir=trained.cfg["cache_dir"])  # its features
     run_inprocess("main.py", "--config", cfg)
     first_id = load_checkpoint(str(tiny.ckpt / "checkpoint-0.pth")).run_id
     run_inprocess("main.py", "--config", cfg, "--epochs", "3", "--resume", str(tiny.ckpt / "checkpoint-last.pth"))
@@ -369,15 +358,18 @@ def test_checkpoint_last_is_refreshed_after_every_epoch_when_saving_is_cheap(tin
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1])  # SIGTERM: tests/test_loader.py, test_two_ranks.py, test_multinode.py
 def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, uninterrupted, sig):
-    config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), **SIGNAL_RUN)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "main.py", "--config", config], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tiny.tmp / "run" / "log.txt"
-    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, proc)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
+    # The reference run's feature cache: the signal comes after two epochs, not during an extraction.
+    config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), cache_dir=str(uninterrupted.parents[1] / "cache"),
+                        **SIGNAL_RUN)
+    run = Forked("main.py", [["--config", config]], [{}])  # main.py's process, without an interpreter's start-up
+    log, start = tiny.tmp / "run" / "log.txt", time.time()
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert time.time() - start < 120 and os.waitpid(run.pids[0], os.WNOHANG)[0] == 0, "ended before the signal"
+        time.sleep(0.05)
+    os.kill(run.pids[0], sig)
+    result = run.wait(timeout=120, check=False)[0]
+    err = result.stderr
+    assert result.returncode == 143, err[-3000:]
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith(f"stopped: {sig.name} received: ") and "--resume" in last_line
     stopped = load_checkpoint(str(tiny.tmp / "run" / "checkpoint-last.pth"))

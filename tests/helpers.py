@@ -19,6 +19,11 @@ from utils.distributed import DistContext
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The tiny config's ID test set: the first 453 of scikit-learn's digits (7 evaluation batches of 64,
+# then 5 images), so each evaluation runs the backbone on 853 images, not 2,197.
+EVAL_DIGITS = 453
+
+
 def tiny_config_dict(tmp_path) -> dict:
     return {
         "data_path": str(tmp_path / "data"),
@@ -32,7 +37,7 @@ def tiny_config_dict(tmp_path) -> dict:
         "lfdn": {"model_channels": 64, "time_embed_dim": 32, "bottleneck_channels": 64, "num_res_blocks": 2},
         "train": {"dataset": "digits", "subset": 256, "batch_size": 32, "epochs": 3, "lr": 1.0e-3,
                   "save_every": 2, "weight_decay": 0.02},
-        "eval": {"dataset": "digits", "ood": {"gauss": "noise:gaussian:200", "photos": "photos:200"},
+        "eval": {"dataset": f"digits:{EVAL_DIGITS}", "ood": {"gauss": "noise:gaussian:200", "photos": "photos:200"},
                  "batch_size": 64},
     }
 
@@ -89,77 +94,94 @@ def run_forked_ranks(script: str, rank_args, per_node: int = None, record: str =
     the same code as under torchrun (tests that need the launcher itself use tools.torchrun).
     ``record``: each rank's collectives appended to RECORD.rank<r> (tests/record_collectives).
     Returns [Result] in rank order."""
+    return start_forked_ranks(script, rank_args, per_node, record).wait(timeout, check)
+
+
+def start_forked_ranks(script: str, rank_args, per_node: int = None, record: str = None) -> "Forked":
+    """``run_forked_ranks`` without waiting: the ranks run while the caller watches them (``.pids``,
+    in rank order, to signal one) and then ``.wait()`` s for them."""
     world = len(rank_args)
     per_node = per_node or world
     port = str(free_port())
     envs = [dict(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r % per_node), LOCAL_WORLD_SIZE=str(per_node),
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **({"RECORD_COLLECTIVES": record} if record else {}))
             for r in range(world)]
-    return _forked(script, rank_args, envs, timeout, check)
+    return Forked(script, rank_args, envs)
 
 
 def run_forked(script: str, *args: str, check: bool = True, timeout: int = 300) -> "Result":
     """Run ``script``'s main() in one process forked from this one: another process (for a lock this
     one holds), without an interpreter's start-up."""
-    return _forked(script, [args], [{}], timeout, check)[0]
+    return Forked(script, [args], [{}]).wait(timeout, check)[0]
 
 
-def _forked(script: str, arg_lists, envs, timeout: int, check: bool) -> list:
-    import shutil
-    import signal
-    import tempfile
-    import time
-    folder = tempfile.mkdtemp(prefix="forked-")
-    pids = []
-    for n, (args, env) in enumerate(zip(arg_lists, envs)):
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            code = 1
-            try:
-                for fd, name in ((1, "out"), (2, "err")):
-                    os.dup2(os.open(os.path.join(folder, f"{n}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                torch.set_num_threads(1)  # one thread a process, as OMP_NUM_THREADS=1 gives a launched rank
-                os.environ.update(CUDA_VISIBLE_DEVICES="", **env)
-                if "RECORD_COLLECTIVES" in env:
-                    import runpy
-                    runpy.run_path(os.path.join(RECORDER, "sitecustomize.py"))
-                code = run_inprocess(script, *args, check=False, capture=False).returncode or 0
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code if isinstance(code, int) else 1)
-        pids.append(pid)
-    codes, deadline = {}, time.time() + timeout
-    while len(codes) < len(pids):
-        for pid in pids:
-            if pid not in codes:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[pid] = os.waitstatus_to_exitcode(status)
-        if time.time() > deadline:
-            for pid in pids:
+class Forked:
+    """Processes forked from this one, process n running ``script``'s main() with ``arg_lists[n]``
+    and the variables ``envs[n]`` added; each one's stdout and stderr go to a file."""
+
+    def __init__(self, script: str, arg_lists, envs):
+        import signal
+        import tempfile
+        self.script = script
+        self.folder = tempfile.mkdtemp(prefix="forked-")
+        self.pids = []
+        for n, (args, env) in enumerate(zip(arg_lists, envs)):
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                code = 1
+                try:
+                    for fd, name in ((1, "out"), (2, "err")):
+                        os.dup2(os.open(os.path.join(self.folder, f"{n}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
+                    sys.stdout = open(1, "w", buffering=1, closefd=False)
+                    sys.stderr = open(2, "w", buffering=1, closefd=False)
+                    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    torch.set_num_threads(1)  # one thread a process, as OMP_NUM_THREADS=1 gives a launched rank
+                    os.environ.update(CUDA_VISIBLE_DEVICES="", **env)
+                    if "RECORD_COLLECTIVES" in env:
+                        import runpy
+                        runpy.run_path(os.path.join(RECORDER, "sitecustomize.py"))
+                    code = run_inprocess(script, *args, check=False, capture=False).returncode or 0
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code if isinstance(code, int) else 1)
+            self.pids.append(pid)
+
+    def wait(self, timeout: int = 300, check: bool = True) -> list:
+        """[Result] in process order, once every process has ended; ``check``: an AssertionError
+        naming the first process that exited other than 0."""
+        import shutil
+        import signal
+        import time
+        codes, deadline = {}, time.time() + timeout
+        while len(codes) < len(self.pids):
+            for pid in self.pids:
                 if pid not in codes:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-            raise AssertionError(f"{script}: ran past {timeout} s")
-        time.sleep(0.01)
-    results = []
-    for n, pid in enumerate(pids):
-        out, err = (open(os.path.join(folder, f"{n}.{name}"), errors="replace").read() for name in ("out", "err"))
-        results.append(Result(codes[pid], out, err))
-    shutil.rmtree(folder, ignore_errors=True)
-    for n, r in enumerate(results):
-        if check and r.returncode != 0:
-            raise AssertionError(f"{script} (process {n}) exited {r.returncode}\nstderr:\n{r.stderr[-5000:]}")
-    return results
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+            if time.time() > deadline:
+                for pid in self.pids:
+                    if pid not in codes:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                raise AssertionError(f"{self.script}: ran past {timeout} s")
+            time.sleep(0.01)
+        results = []
+        for n, pid in enumerate(self.pids):
+            out, err = (open(os.path.join(self.folder, f"{n}.{name}"), errors="replace").read()
+                        for name in ("out", "err"))
+            results.append(Result(codes[pid], out, err))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for n, r in enumerate(results):
+            if check and r.returncode != 0:
+                raise AssertionError(f"{self.script} (process {n}) exited {r.returncode}\nstderr:\n{r.stderr[-5000:]}")
+        return results
 
 
 def write_release_checkpoint(path, lfdn_raw: dict, lfdn_ema: dict, backbone: dict = None, feature_dim: int = 720,

@@ -102,12 +102,12 @@ def test_oneclass_main_fits_the_baselines_on_the_id_class_training_features_only
             fitted.append(train.clone())
             super().__init__(train, names, ks)
     monkeypatch.setattr(oneclass, "Baselines", Recording)
-    monkeypatch.setattr(oneclass, "DATASET", "digits")  # small, labelled, shipped with scikit-learn
+    monkeypatch.setattr(oneclass, "DATASET", "digits:600")  # small, labelled, shipped with scikit-learn
     monkeypatch.setattr(oneclass, "record", lambda *a, **k: None)  # no row in bench/RESULTS.md
     oneclass.main(["--classes", "3", "--config", cfg, "--output_dir", str(tmp_path / "out"), "--epochs", "1"])
     from experiment.config import load_config
     c = load_config(cfg)
-    ds = build_dataset("digits", "train", c.data_path, c.backbone.input_size)
+    ds = build_dataset("digits:600", "train", c.data_path, c.backbone.input_size)
     z = features_for(c, DistContext(0, 1, 0, torch.device("cpu")), build_extractor(c), ds, "train").z
     assert len(fitted) == 1 and torch.equal(fitted[0], z[torch.from_numpy(ds.labels == 3)])
     result = json.loads((tmp_path / "out" / "oneclass.json").read_text())

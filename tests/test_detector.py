@@ -18,6 +18,7 @@ from dlsr.detector import DLSRDetector, KNNDetector, MahalanobisDetector
 from errors import UserError
 from experiment.config import load_config
 from tests.helpers import (
+    EVAL_DIGITS,
     digits_uint8,
     needs_fmnist,
     predict,
@@ -168,7 +169,7 @@ def test_baseline_detectors_equal_the_evaluation_tables_scores(trained, tmp_path
     loader = DataLoader(train_set, batch_size=128)  # whole backbone batches, as the feature cache has them
     knn = KNNDetector(trained.config, k=3, device="cpu").fit(loader)
     maha = MahalanobisDetector(trained.config, device="cpu").fit(loader)
-    test_set = build_dataset("digits", "test", "", 32)
+    test_set = build_dataset(trained.cfg["eval"]["dataset"], "test", "", 32)
     z, _ = knn.features(torch.stack([test_set[i] for i in range(len(test_set))]))  # the same backbone for both
     np.testing.assert_allclose(knn.predict_features(z).numpy(), table["kNN_k3"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maha.predict_features(z).numpy(), table["Mahalanobis"], rtol=1e-4, atol=1e-4)
@@ -297,7 +298,8 @@ def test_detector_api(trained, tmp_path):
     with pytest.raises(RuntimeError, match="calibrate"):
         det.is_ood(np.zeros((1, 8, 8), np.uint8))
     digits = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
-    th = det.calibrate([digits[i:i + 500] for i in range(0, len(digits), 500)], tpr=0.9)
+    held_out = digits[:EVAL_DIGITS]  # the config's ID test set, which predict.py calibrates on
+    th = det.calibrate([held_out[i:i + 200] for i in range(0, len(held_out), 200)], tpr=0.9)
     save_digits(tmp_path / "p", [3])
     _, rows = predict(trained, tmp_path / "p.csv", tmp_path / "p", extra=("--tpr", "0.9"))
     assert th == pytest.approx(json.loads((tmp_path / "p.json").read_text())["thresholds"], rel=1e-6)

@@ -15,7 +15,7 @@ from engine.scorer import image_noise
 from experiment.config import load_config
 from scoring.scores import mfsim_score, mse_score
 from store.checkpoint import weights_checksum
-from tests.helpers import CPU, FAKE_GPU, digits_uint8, evaluate, scorer_for
+from tests.helpers import CPU, EVAL_DIGITS, FAKE_GPU, digits_uint8, evaluate, scorer_for
 from utils.distributed import DistContext
 from utils.precision import EMULATED_BF16_ENV
 
@@ -142,10 +142,11 @@ def test_the_eval_weights_are_the_ema_weights(trained, tmp_path):
 
 def test_every_image_is_scored_and_the_last_one_as_alone(trained, baseline):
     ids = np.load(baseline / "scores" / "ID.npy")
-    assert len(ids) == 1797 and np.all(ids["MSE"] != 0) and np.all(ids["MFsim"] != 0)  # 1797 = 28 x 64 + 5
     cfg = load_config(trained.config)
+    assert len(ids) == EVAL_DIGITS == 7 * cfg.eval.batch_size + 5  # a last batch of 5
+    assert np.all(ids["MSE"] != 0) and np.all(ids["MFsim"] != 0)
     scorer = scorer_for(cfg, CPU, {"end": str(trained.ckpt / "checkpoint-last.pth")})
-    feats = scorer.set_features(build_dataset("digits", "test", cfg.data_path, 32))
+    feats = scorer.set_features(build_dataset(cfg.eval.dataset, "test", cfg.data_path, 32))
     alone = scorer.scores(feats.z[-1:], feats.keys[-1:])
     for name in ("MSE", "MFsim"):
         assert ids[name][-1] == pytest.approx(alone[name][0], rel=1e-5)
@@ -166,7 +167,7 @@ def test_each_image_draws_its_own_noise():
 def test_evaluation_scores_do_not_depend_on_the_batch_size_or_the_set(trained, tmp_path):
 
     evaluate(trained, tmp_path / "b64")
-    evaluate(trained, tmp_path / "b17", "--batch_size", "17", "--ood", "again=digits")
+    evaluate(trained, tmp_path / "b17", "--batch_size", "17", "--ood", f"again={trained.cfg['eval']['dataset']}")
     a, b = np.load(tmp_path / "b64" / "scores" / "ID.npy"), np.load(tmp_path / "b17" / "scores" / "ID.npy")
     again = np.load(tmp_path / "b17" / "scores" / "again.npy")
     assert np.array_equal(b, again)  # the same images in another set: the same noise, the same scores

@@ -141,6 +141,23 @@ def test_offline_sets():
     gt = build_dataset("noise:gaussian:20", "train", "./nowhere", 16)
     assert np.array_equal(g1.array, g2.array) and not np.array_equal(g1.array, gt.array)
     assert len(build_dataset("noise:uniform", "test", "./nowhere", 16)) == 1000
+    assert len(build_dataset("photos", "test", "./nowhere", 16)) == 1000  # the documented default counts
+
+
+@pytest.mark.parametrize("split,seed", [("test", 0), ("train", 1)])
+def test_photo_crops_are_the_same_set_in_every_version(split, seed):
+    """photos:N is N 96 px crops, the i-th from photograph i mod 2 at a corner drawn uniformly from
+    NumPy's generator seeded 0 for the test split, 1 for any other. Cached features, calibration
+    records and published tables name the set by its spec, so its images must not move."""
+    from sklearn.datasets import load_sample_images
+    pictures = load_sample_images().images  # (427, 640, 3) twice
+    rng = np.random.default_rng(seed)
+    expected = []
+    for i in range(7):
+        p = pictures[i % 2]
+        top, left = rng.integers(0, p.shape[0] - 96), rng.integers(0, p.shape[1] - 96)
+        expected.append(p[top:top + 96, left:left + 96])
+    assert np.array_equal(build_dataset("photos:7", split, "./nowhere", 16).array, np.stack(expected))
 
 
 @pytest.mark.parametrize("found", [True, False])

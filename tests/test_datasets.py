@@ -145,7 +145,7 @@ def test_offline_sets():
 
 
 @pytest.mark.parametrize("split,seed", [("test", 0), ("train", 1)])
-def test_photo_crops_are_the_same_set_in_every_version(split, seed):
+def test_photo_crops_and_noise_are_the_same_sets_in_every_version(split, seed):
     """photos:N is N 96 px crops, the i-th from photograph i mod 2 at a corner drawn uniformly from
     NumPy's generator seeded 0 for the test split, 1 for any other. Cached features, calibration
     records and published tables name the set by its spec, so its images must not move."""
@@ -158,6 +158,11 @@ def test_photo_crops_are_the_same_set_in_every_version(split, seed):
         top, left = rng.integers(0, p.shape[0] - 96), rng.integers(0, p.shape[1] - 96)
         expected.append(p[top:top + 96, left:left + 96])
     assert np.array_equal(build_dataset("photos:7", split, "./nowhere", 16).array, np.stack(expected))
+    # noise:KIND:N: N 32x32 RGB images, Gaussian (mean 127.5, sd 64, clipped) or uniform on [0, 256)
+    gauss = np.clip(np.random.default_rng(seed).normal(127.5, 64.0, (5, 32, 32, 3)), 0, 255).astype(np.uint8)
+    uniform = np.random.default_rng(seed).uniform(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+    assert np.array_equal(build_dataset("noise:gaussian:5", split, "./nowhere", 16).array, gauss)
+    assert np.array_equal(build_dataset("noise:uniform:5", split, "./nowhere", 16).array, uniform)
 
 
 @pytest.mark.parametrize("found", [True, False])

@@ -15,10 +15,11 @@ WORKER_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 # pytest-xdist hands each worker whole files (--dist loadfile) in collection order; by default it first
 # sorts the files by their number of tests, which put the slowest files (few, long tests) last and left
 # one worker running alone at the end. Here the slow files go first and the rest keep their order.
-SLOWEST_FIRST = ("test_submitit_train.py", "test_training.py", "test_multinode.py", "test_detector.py",
-                 "test_prediction.py", "test_end_to_end.py", "test_two_ranks.py", "test_bench_scripts.py",
-                 "test_evaluation.py", "test_features.py", "test_loader.py", "test_extending.py", "test_run.py",
-                 "test_scorer.py", "test_feature_cache.py", "test_openood.py")
+SLOWEST_FIRST = ("test_submitit_train.py", "test_training.py", "test_detector.py", "test_two_ranks.py",
+                 "test_end_to_end.py", "test_prediction.py", "test_evaluation.py", "test_bench_scripts.py",
+                 "test_multinode.py", "test_features.py", "test_loader.py", "test_run.py", "test_scorer.py",
+                 "test_openood.py", "test_report.py", "test_datasets.py", "test_extending.py", "test_checkpoint.py",
+                 "test_extraction.py", "test_cli.py")
 
 
 def pytest_configure(config):

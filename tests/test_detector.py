@@ -82,11 +82,11 @@ def test_a_dataloader_of_xy_pairs_fits_calibrates_and_predicts(trained, tmp_path
     cfg.output_dir, cfg.train.epochs = str(tmp_path / "api"), 1
     digits = digits_uint8()
     labels = load_digits().target
-    loader = DataLoader(Labelled(digits[:512], labels[:512]), batch_size=128)
+    loader = DataLoader(Labelled(digits[:256], labels[:256]), batch_size=128)
     x, y = next(iter(loader))
     assert x.dtype == torch.float32 and x.shape == (128, 1, 8, 8) and y.shape == (128,)
     det = DLSRDetector(cfg, device="cpu").fit(loader)
-    held_out = DataLoader(Labelled(digits[512:1012], labels[512:1012]), batch_size=100)
+    held_out = DataLoader(Labelled(digits[512:812], labels[512:812]), batch_size=100)
     th = det.calibrate(held_out, tpr=0.9)
     scores = torch.cat([det.predict(b) for b in held_out])
     assert float((scores <= th["MFsim"]).float().mean()) == pytest.approx(0.9, abs=0.01)
@@ -181,10 +181,10 @@ def test_baseline_detectors_equal_the_evaluation_tables_scores(trained, tmp_path
 
 def test_dlsr_next_to_knn_in_a_few_lines(detector):
     digits = digits_uint8()
-    knn = KNNDetector(detector.cfg, k=1, device="cpu").fit([digits[:1000]])
+    knn = KNNDetector(detector.cfg, k=1, device="cpu").fit([digits[:500]])
     noise = np.random.default_rng(1).integers(0, 256, (50, 8, 8), dtype=np.uint8)
     for det in (detector, knn):
-        s_id, s_ood = det(digits[1000:1500]).numpy(), det(noise).numpy()
+        s_id, s_ood = det(digits[1000:1300]).numpy(), det(noise).numpy()
         auroc = roc_auc_score(np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))], np.r_[s_id, s_ood])
         assert auroc > 0.9, type(det).__name__
 

@@ -44,7 +44,7 @@ def test_baselines_are_fitted_on_the_set_the_checkpoint_was_trained_on(tiny):
     splits differ."""
     trained = tiny.write("trained.yaml", train={"dataset": "fashion-mnist@0-4", "subset": 300, "epochs": 1})
     run_inprocess("main.py", "--config", trained)
-    other = tiny.write("other.yaml", eval={"dataset": "fashion-mnist@0", "ood": {"shirt": "fashion-mnist@6"}})
+    other = tiny.write("other.yaml", eval={"dataset": "fashion-mnist@0", "ood": {"photos": "photos:50"}})
     out = tiny.tmp / "eval"
     proc = run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(tiny.ckpt / "checkpoint-last.pth"),
                          "--pretrained_ldm_cfg", other, "--baselines", "knn", "--knn_k", "1", "--no_plots",
@@ -56,7 +56,7 @@ def test_baselines_are_fitted_on_the_set_the_checkpoint_was_trained_on(tiny):
     right = random_subset(build_dataset("fashion-mnist@0-4", "train", "", 32), 300)
     images = torch.stack([right[i] for i in range(len(right))])
     z_train = KNNDetector(other, device="cpu").features(images)[0].numpy()
-    for name in ("ID", "shirt"):
+    for name in ("ID", "photos"):
         expected = digits_train_knn(z_train, np.load(out / "features" / f"{name}.npy"))
         np.testing.assert_allclose(np.load(out / "scores" / f"{name}.npy")["kNN_k1"], expected, rtol=1e-4, atol=1e-4)
 

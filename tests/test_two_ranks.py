@@ -88,7 +88,7 @@ def test_predict_on_two_ranks_over_several_chunks_equals_one_process(trained, tm
     assert len({r["MFsim"] for r in two}) > 30  # each row its own scores, not a neighbour's
 
 
-def test_one_rank_under_torchrun_forms_a_group_and_a_group_sigterm_reads_143(tiny, tmp_path):
+def test_one_rank_under_torchrun_forms_a_group_and_a_group_sigterm_reads_143(tiny, trained, tmp_path):
     """A launched run is distributed whatever its size (one GPU runs NCCL's path); and a SIGTERM to
     the whole process group, which ends plain torchrun with status 1, ends tools.torchrun with 143."""
     import json
@@ -100,7 +100,8 @@ def test_one_rank_under_torchrun_forms_a_group_and_a_group_sigterm_reads_143(tin
 
     from store.checkpoint import load_checkpoint
     from tests.helpers import ROOT, collective_sequences, recording_env
-    cfg = tiny.write(train={"epochs": 40, "subset": 256, "batch_size": 16, "save_every": 1000})
+    cfg = tiny.write(train={"epochs": 40, "subset": 256, "batch_size": 16, "save_every": 1000},
+                     cache_dir=trained.cfg["cache_dir"])  # its training features: the signal comes after an epoch
     stem = str(tmp_path / "one.collectives")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **recording_env(stem)}
     proc = subprocess.Popen([sys.executable, "-m", "tools.torchrun", "--standalone", "--nproc_per_node=1", "main.py",

@@ -152,6 +152,16 @@ class Forked:
                     os._exit(code if isinstance(code, int) else 1)
             self.pids.append(pid)
 
+    def until(self, ready, timeout: int = 120) -> None:
+        """Poll ``ready()`` until it holds; an AssertionError if a process ends first or it takes
+        longer than ``timeout`` seconds (the processes are then left to ``wait``)."""
+        import time
+        start = time.time()
+        while not ready():
+            assert all(os.waitpid(pid, os.WNOHANG)[0] == 0 for pid in self.pids), f"{self.script} ended early"
+            assert time.time() - start < timeout, f"{self.script}: not ready after {timeout} s"
+            time.sleep(0.05)
+
     def wait(self, timeout: int = 300, check: bool = True) -> list:
         """[Result] in process order, once every process has ended; ``check``: an AssertionError
         naming the first process that exited other than 0."""

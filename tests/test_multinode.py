@@ -4,7 +4,6 @@ of a two-node run."""
 import contextlib
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -101,11 +100,8 @@ def test_sigterm_to_one_rank_stops_both_after_a_save_and_the_resumed_run_equals_
     ranks = start_forked_ranks("main.py", [["--config", cfg, "--cache_dir", str(t.tmp / "A"), "--output_dir",
                                             str(stopped if i == 0 else t.tmp / "stopped-node1")] for i in range(2)],
                                per_node=1)
-    log, start = stopped / "log.txt", time.time()
-    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        assert time.time() - start < 200 and os.waitpid(ranks.pids[0], os.WNOHANG)[0] == 0, \
-            "the run ended before the signal"
-        time.sleep(0.05)
+    log = stopped / "log.txt"
+    ranks.until(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, timeout=200)
     os.kill(ranks.pids[1], signal.SIGTERM)
     results = ranks.wait(timeout=300, check=False)
     assert [r.returncode for r in results] == [143, 143], [r.stderr[-2000:] for r in results]

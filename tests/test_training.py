@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from contextlib import nullcontext
 
 import pytest
@@ -362,10 +361,8 @@ def test_a_signal_to_main_py_saves_exits_143_and_resume_loses_nothing(tiny, unin
     config = tiny.write("run.yaml", output_dir=str(tiny.tmp / "run"), cache_dir=str(uninterrupted.parents[1] / "cache"),
                         **SIGNAL_RUN)
     run = Forked("main.py", [["--config", config]], [{}])  # main.py's process, without an interpreter's start-up
-    log, start = tiny.tmp / "run" / "log.txt", time.time()
-    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        assert time.time() - start < 120 and os.waitpid(run.pids[0], os.WNOHANG)[0] == 0, "ended before the signal"
-        time.sleep(0.05)
+    log = tiny.tmp / "run" / "log.txt"
+    run.until(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2)
     os.kill(run.pids[0], sig)
     result = run.wait(timeout=120, check=False)[0]
     err = result.stderr

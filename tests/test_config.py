@@ -226,6 +226,23 @@ def test_a_key_repeated_in_a_flow_mapping_on_one_line_is_refused(tiny, tmp_path)
         load_config(str(path))
 
 
+def test_an_unhashable_key_is_yamls_own_one_line_error(tmp_path):
+    path = tmp_path / "key.yaml"
+    path.write_text("train:\n  epochs: 2\n  ? [1, 2]\n  : 3\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert str(e.value) == f"{path} is not valid YAML: line 3, column 5: found unhashable key"
+
+
+def test_an_override_that_is_not_valid_yaml_is_taken_as_written(tiny):
+    cfg = load_config(tiny.write())
+    for text in ("runs/[odd", "[odd", "{a: 1, a: 2}", "a: b: c"):  # YAML errors, a repeated key: the text itself
+        override(cfg, "output_dir", text)
+        assert cfg.output_dir == text
+    override(cfg, "train.epochs", "7")
+    assert cfg.train.epochs == 7
+
+
 @pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3E-5", 3e-5), ("1.0e-4", 1e-4), (".5e-3", 5e-4),
                                         ("2e3", 2000.0), ("5", 5.0)])
 def test_numbers_are_read_as_yaml_1_2_and_every_user_writes_them(tiny, tmp_path, text, value):

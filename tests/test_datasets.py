@@ -12,7 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from datasets import build_dataset, build_datasets, random_subset
-from datasets.images import ArrayImages, SubsetImages, resize_batch, resized
+from datasets.images import ArrayImages, SubsetImages, resize_batch, resized, to_rgb_resized
 from datasets.torchvision_sets import DEBIAN_FASHION_MNIST, read_idx_images
 from errors import UserError, one_line
 from models.features import BackboneId
@@ -396,3 +396,86 @@ def test_a_subset_reads_its_base_images_by_its_own_indices_however_they_are_aske
     for bad in (np.zeros((0, 8, 8), np.uint8), np.zeros((2, 8), np.uint8), np.zeros((2, 8, 8), np.float32)):
         with pytest.raises(ValueError, match=r"x: expected a non-empty uint8 \(N, H, W\[, 3\]\) array"):
             ArrayImages("x", bad, 8)
+
+
+def test_a_set_not_on_disk_is_downloaded_where_asked_and_else_named_with_its_layout(tmp_path, monkeypatch):
+    """torchvision's class is asked without download first; with download allowed, once more with it.
+    What fails is one line: the folder, the layout expected, and the first line of the reason."""
+    import torchvision.datasets as tvd
+    asked = []
+
+    class CIFAR10:
+        online = True
+
+        def __init__(self, root, download, train):
+            asked.append((root, download, train))
+            if not download:
+                raise RuntimeError("Dataset not found or corrupted.\nYou can use download=True to download it")
+            if not self.online:
+                raise OSError("[Errno -3] Temporary failure in name resolution\nmore")
+            self.data = np.full((2, 32, 32, 3), 7, np.uint8)
+            self.targets, self.classes = [1, 0], ["a", "b"]
+    monkeypatch.setattr(tvd, "CIFAR10", CIFAR10)
+    got = build_dataset("cifar10", "train", str(tmp_path), 32, download=True)
+    assert asked == [(str(tmp_path), False, True), (str(tmp_path), True, True)]
+    assert len(got) == 2 and got.labels.tolist() == [1, 0] and int(got[0].max()) == 7
+    CIFAR10.online = False
+    with pytest.raises(UserError) as e:
+        build_dataset("cifar10", "test", str(tmp_path), 32, download=True)
+    assert str(e.value) == (f"not found under {tmp_path}: expected cifar-10-batches-py/ (torchvision CIFAR10 layout); "
+                            "automatic download failed (OSError: [Errno -3] Temporary failure in name resolution)")
+    asked.clear()
+    with pytest.raises(UserError) as e:
+        build_dataset("cifar10", "test", str(tmp_path), 32, download=False)
+    assert asked == [(str(tmp_path), False, False)]
+    assert str(e.value).endswith("layout) (download disabled) (RuntimeError: Dataset not found or corrupted.)")
+
+
+def test_fashion_mnist_nowhere_names_debians_package_too(tmp_path, monkeypatch):
+    from datasets import torchvision_sets
+    monkeypatch.setattr(torchvision_sets, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    with pytest.raises(UserError) as e:
+        build_dataset("fashion-mnist", "test", str(tmp_path), 32, download=False)
+    assert str(e.value).startswith(f"not found under {tmp_path}: expected FashionMNIST/raw/t10k-images-idx3-ubyte[.gz]")
+    assert str(e.value).endswith("; on Debian, `apt-get install dataset-fashion-mnist` also works")
+    with pytest.raises(UserError) as e:
+        build_dataset("mnist", "test", str(tmp_path), 32, download=False)
+    assert "Debian" not in str(e.value)
+
+
+def test_celeba_is_read_through_torchvision_as_pil_images(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
+
+    class CelebA:
+        def __init__(self, root, download, split, target_type):
+            assert (root, download, split, target_type) == (str(tmp_path), False, "test", [])
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return Image.fromarray(pixels[i]), 0
+    monkeypatch.setattr(tvd, "CelebA", CelebA)
+    ds = build_dataset("celeba", "test", str(tmp_path), 32)
+    assert len(ds) == 3 and ds.name == "celeba"
+    assert torch.equal(ds[2], to_rgb_resized(Image.fromarray(pixels[2]), 32))
+    assert ds.fingerprint() == f"celeba|test|3|{tmp_path}"
+
+
+def test_an_idx_label_file_is_checked_as_the_image_file_is(tmp_path):
+    from datasets.torchvision_sets import read_idx_labels
+    good = tmp_path / "l.gz"
+    with gzip.open(good, "wb") as f:
+        f.write((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([4, 0, 9]))
+    assert read_idx_labels(str(good)).tolist() == [4, 0, 9]
+    plain = tmp_path / "l"
+    plain.write_bytes((2049).to_bytes(4, "big") + (2).to_bytes(4, "big") + bytes([1, 2]))
+    assert read_idx_labels(str(plain)).tolist() == [1, 2]
+    for name, data in (("images-as-labels", (2051).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x00"),
+                       ("short", (2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"\x00")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=f"{name} is not an IDX label file"):
+            read_idx_labels(str(tmp_path / name))

@@ -91,6 +91,8 @@ def test_timm_weights_come_from_a_local_file_or_the_cache_and_are_refused_withou
     f = MultiLayerFeatures("timm:resnet18", str(path))
     used = {k: v for k, v in full.state_dict().items() if k in f.used_keys()}
     assert f.digest == weights_digest(used) and f.weights_source == str(path)
+    with pytest.raises(UserError, match=r"weights file .*nope.pth does not exist \(expected the ImageNet weights of timm's resnet18"):
+        MultiLayerFeatures("timm:resnet18", str(tmp_path / "nope.pth"))
     monkeypatch.setattr("models.backbones.timm_models.TimmBackbone.find_local", lambda self: None)
     with pytest.raises(UserError, match="not in the timm / Hugging Face cache .* --backbone_weights FILE"):
         MultiLayerFeatures("timm:resnet18")

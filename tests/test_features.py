@@ -169,6 +169,29 @@ def test_missing_weights_give_one_line_naming_the_file(tmp_path, monkeypatch):
         MultiLayerFeatures("vgg16")
 
 
+def test_the_canonical_weights_file_is_found_here_then_in_checkpoint_then_in_torchs_hub(tmp_path, monkeypatch):
+    """The search order of a backbone's canonical file name, and the found file is the one read."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    b4, name = backbone("efficientnet-b4"), "efficientnet-b4-6ed6700e.pth"
+    assert b4.find_local() is None
+    for folder, expected in ((tmp_path / "hub" / "checkpoints", str(tmp_path / "hub" / "checkpoints" / name)),
+                             (tmp_path / "checkpoint", f"checkpoint/{name}"), (tmp_path, f"./{name}")):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save([1, 2], folder / name)  # readable, but no state dict
+        assert b4.find_local() == expected
+    with pytest.raises(UserError) as e:
+        MultiLayerFeatures("efficientnet-b4")
+    assert str(e.value) == f"./{name} is not a state dict"
+
+
+def test_layers_outside_the_backbones_taps_are_refused(tmp_path):
+    for layers in ([5], [-1], [], [0, 5]):
+        with pytest.raises(UserError, match=r"layers must be taps of efficientnet-lite0 among 0\.\.4"):
+            MultiLayerFeatures("efficientnet-lite0", weights="random", layers=layers)
+    assert MultiLayerFeatures("efficientnet-lite0", weights="random", layers=[4, 0, 4]).layers == [0, 4]
+
+
 def test_backbone_weights_that_do_not_fit_are_refused(tmp_path):
     lite = MultiLayerFeatures("efficientnet-lite0").backbone.state_dict()
     without_head = {k: v for k, v in lite.items() if not k.startswith(("_fc.", "_conv_head.", "_bn1."))}

@@ -33,6 +33,8 @@ def test_decoding_workers_fit_dev_shm_shared_by_the_nodes_processes(monkeypatch)
     small = 32 * 32 * 32 * 3  # 98 KB batches: 163 fit in 32 MB, so 4 processes of 8 workers each fit, 32 do not
     assert loader.shm_workers(8, small, local_processes=4) == 8
     assert loader.shm_workers(8, small, local_processes=32) == 5  # per node, not per rank
+    monkeypatch.undo()
+    assert loader.shm_workers(8, small, folder=os.path.join(os.sep, "no", "such", "shm")) == 8  # no /dev/shm: as asked
 
 
 def test_sigterm_to_the_workers_first_then_the_group_saves_and_exits_143(tiny):

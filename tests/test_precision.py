@@ -152,6 +152,45 @@ def test_bf16_is_used_only_on_a_cpu_with_native_bf16(tiny, monkeypatch, caplog):
     assert len(said) == 1 and "going on in fp32" in said[0]  # one line, once
 
 
+def test_native_bf16_is_read_from_the_cpus_flags_line(monkeypatch):
+    import io
+    import re
+
+    import utils.precision as precision
+    real = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
+    flags = next((m.group(1).split() for m in re.finditer(r"^flags\s*:(.*)$", real, re.M)), [])
+    precision.native_bf16.cache_clear()
+    assert precision.native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))  # this machine
+    for text, native in (("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16 sse\n", True),
+                         ("flags\t: fpu amx_bf16\n", True),
+                         ("flags\t: fpu avx2 avx512f\nflags\t: avx512_bf16\n", False),  # the first CPU's line
+                         ("vmx flags\t: avx512_bf16\nflags\t: fpu\n", False),  # not the CPU's flags
+                         ("flags\t: fpu avx512_bf16x\n", False), ("processor\t: 0\n", False)):
+        monkeypatch.setattr(precision, "open", lambda *a, text=text, **k: io.StringIO(text), raising=False)
+        precision.native_bf16.cache_clear()
+        assert precision.native_bf16() is native, text
+
+    def unreadable(*a, **k):
+        raise PermissionError("/proc/cpuinfo")
+    monkeypatch.setattr(precision, "open", unreadable, raising=False)
+    precision.native_bf16.cache_clear()
+    assert precision.native_bf16() is False
+    monkeypatch.undo()
+    precision.native_bf16.cache_clear()
+
+
+def test_each_mode_is_its_autocast():
+    from contextlib import nullcontext
+
+    from utils.precision import autocast
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # torch says so and disables it off CUDA
+        fp16 = autocast("fp16-autocast")
+    bf16 = autocast("bf16-autocast")
+    assert (fp16.device, fp16.fast_dtype) == ("cuda", torch.float16)
+    assert (bf16.device, bf16.fast_dtype) == ("cpu", torch.bfloat16)
+    assert isinstance(autocast("fp32"), nullcontext)
+
+
 def test_precision_flags_reach_the_run(trained, tmp_path):
     out = tmp_path / "o"
     run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),

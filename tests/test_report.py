@@ -1,6 +1,7 @@
 """store/report.py: the results tables (means, groups, missing sets) and folders replaced whole."""
 import csv
 import errno
+import logging
 import os
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_near_and_far_rows_of_results_csv(trained, tmp_path):
         assert float(rows[(score, "mean")]["AUROC"]) == pytest.approx(sum(per.values()) / 3)
 
 
-def test_plots_have_one_panel_per_ood_set_that_was_scored_three_to_a_row(tmp_path):
+def test_plots_have_one_panel_per_ood_set_that_was_scored_three_to_a_row(tmp_path, monkeypatch, caplog):
     from PIL import Image
 
     from store.report import EvalResult, SetResult, write_plots
@@ -133,6 +134,13 @@ def test_plots_have_one_panel_per_ood_set_that_was_scored_three_to_a_row(tmp_pat
     empty = tmp_path / "none"
     empty.mkdir()
     assert write_plots(result(0, 2), str(empty)) == [] and not list(empty.iterdir())  # every OOD set missing
+    import sys
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: import raises ImportError
+    with caplog.at_level(logging.INFO, logger="dlsr"):
+        assert write_plots(result(2, 0), str(empty)) == [] and not list(empty.iterdir())
+    assert [r.message for r in caplog.records] == ["matplotlib is not installed: no plots"]
 
 
 def test_results_md_says_what_was_scored_with_what_settings_line_by_line():

@@ -118,6 +118,7 @@ def test_layer_norm_normalises_each_draw_by_its_own_statistics(tiny):
     z = torch.randn(5, 512)
     got = det.predict_features(z, all_scores=True)
     scorer, keys = det.scorer, vector_keys(z)
+    assert set(scorer._layer_stats) == {("end", 0), ("end", 1)}  # each draw's once (2,000 reconstructions each)
     stats = [scorer.layer_stats("end", d) for d in (0, 1)]
     assert not torch.equal(stats[0]["MSE"][0], stats[1]["MSE"][0])  # each draw has statistics of its own
     per_draw = [layer_normalised_scores(layer_errors(scorer._reconstruct(z, keys, "end", d), z, scorer.layers,

@@ -3,6 +3,7 @@ output and log folders, learning rates and EMA by hand."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -117,6 +118,15 @@ def test_existing_checkpoints_need_resume_or_overwrite_and_lr_pairs_come_from_on
     assert "different training runs" in line
     assert f"first: {trained.ckpt / 'checkpoint-0.pth'} (run {old.run_id[:8]})" in line  # the ids' first 8 characters
     assert f"end: {tmp_path / 'ck' / 'checkpoint-last.pth'} (run {new.run_id[:8]})" in line
+
+
+def test_training_features_of_another_shape_are_refused(tiny):
+    """train(features=...) (the API's and the bench scripts' path) takes (N, D) vectors only."""
+    from engine.training import build_trainer
+    cfg = load_config(tiny.write(train={"batch_size": 16, "subset": 64}))
+    for shape in ((64, 511), (64,), (2, 64, 512)):
+        with pytest.raises(UserError, match=rf"training features must be \(N, 512\), got {re.escape(str(shape))}"):
+            build_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")), features=torch.zeros(shape))
 
 
 def test_a_training_step_reads_the_device_once(tiny, monkeypatch):

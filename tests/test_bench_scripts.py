@@ -5,6 +5,8 @@ the scripts' argument checks."""
 import csv
 import json
 import os
+import re
+import signal
 import sys
 
 import numpy as np
@@ -119,10 +121,105 @@ def test_benchmark_refuses_a_seed_given_twice():
     assert proc.returncode == 2 and "a seed given twice" in proc.stderr
 
 
-def test_benchmark_reads_the_baseline_names_of_its_own_first_seed():
-    """A run with --seeds 1 2 read seed-0's results, which may be another run's or missing."""
-    src = open(os.path.join(ROOT, "bench", "benchmark.py")).read()
-    assert 'f"seed-{args.seeds[0]}"' in src and '"seed-0"' not in src
+def test_benchmark_runs_each_seed_and_tables_its_own_results(tmp_path, monkeypatch):
+    """bench/benchmark.py's main with the scripts replaced by stand-ins that write results.json as they
+    do (seed s: AUROC 0.80 + s / 100): one folder per seed, each seed's own checkpoints and flags, the
+    LR table merged in, the baselines named by the first seed of this run, and the files it writes."""
+    runs, recorded = [], []
+    folders = {s: tmp_path / "out" / f"seed-{s}" for s in (3, 5)}
+
+    def run(script, *args):
+        flag = dict(zip(args, args[1:]))
+        runs.append((script, flag))
+        if script == "main.py":
+            return
+        out, seed = flag["--output_dir"], int(flag["--seed"])
+        os.makedirs(out)
+        a = 0.80 + seed / 100
+        sets = {"shirt": {"AUROC": a, "FPR95": 1 - a}, "near mean": {"AUROC": a, "FPR95": 0.5},
+                "far mean": {"AUROC": a + 0.1, "FPR95": 0.2}, "mean": {"AUROC": a + 0.05, "FPR95": 0.35},
+                "svhn": None}
+        if script == "test_mse_mfsim.py":
+            res = {"metrics": {"MFsim": sets, "MSE": sets, f"kNN_k{seed}": sets}, "meta": {"baselines": [f"kNN_k{seed}"]}}
+        else:
+            res = {"metrics": {"LR_MFsim": sets, "LR_MSE": sets}, "meta": {"baselines": []}}
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(res, f)
+    monkeypatch.setattr(benchmark, "run", run)
+    monkeypatch.setattr(benchmark, "record", lambda title, rows, notes="": recorded.append((title, rows, notes)))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--config", "c.yaml", "--seeds", "3", "5",
+                                      "--out", str(tmp_path / "out")])
+    benchmark.main()
+    cache = str(tmp_path / "out" / "feature_cache")
+    assert [(script, f["--seed"]) for script, f in runs] == [
+        (s, seed) for seed in ("3", "5") for s in ("main.py", "test_mse_mfsim.py", "test_LR.py")]
+    for seed, folder in folders.items():
+        train, single, lr = [f for _, f in runs if f["--seed"] == str(seed)]
+        ckpt = str(folder / "checkpoint")
+        assert train["--output_dir"] == ckpt and train["--config"] == "c.yaml" and train["--cache_dir"] == cache
+        assert single["--pretrained_ldm_ckpt"] == f"{ckpt}/checkpoint-last.pth" and single["--cache_dir"] == cache
+        assert (lr["--pretrained_ldm_ckpt_first"], lr["--pretrained_ldm_ckpt_end"]) == (
+            f"{ckpt}/checkpoint-0.pth", f"{ckpt}/checkpoint-last.pth")
+        assert lr["--baselines"] == "" and single["--pretrained_ldm_cfg"] == lr["--pretrained_ldm_cfg"] == "c.yaml"
+    table = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert table["seeds"] == [3, 5] and table["config"] == "c.yaml"
+    assert list(table["percent"]) == ["MFsim", "MSE", "kNN_k3", "LR_MFsim", "LR_MSE", "kNN_k5"]
+    assert table["percent"]["LR_MSE"]["shirt"]["AUROC"] == pytest.approx([83.0, 85.0])
+    assert "svhn" not in table["percent"]["MFsim"]
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert [line for line in md.splitlines() if line.startswith("#### ")] == [
+        "#### MFsim", "#### MSE", "#### LR_MFsim", "#### LR_MSE", "#### kNN_k3 (baseline on the same features)"]
+    assert "| shirt | 84.00 ± 1.00 | 16.00 ± 1.00 |" in md and "| **far mean** | 94.00 ± 1.00 | 20.00 ± 0.00 |" in md
+    with open(tmp_path / "out" / "benchmark.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[1] == ["MFsim", "shirt", "84.0000", "1.0000", "16.0000", "1.0000"] and len(rows) == 1 + 5 * 4
+    (title, figures, notes), = recorded
+    assert title == "Near/far benchmark (make benchmark)" and figures[0] == ("config", "c.yaml, seeds [3, 5]")
+    assert figures[2:6] == [("MFsim AUROC, shirt", "84.00 ± 1.00"), ("MFsim AUROC, near mean", "84.00 ± 1.00"),
+                            ("MFsim AUROC, far mean", "94.00 ± 1.00"), ("MFsim AUROC, mean", "89.00 ± 1.00")]
+    assert len(figures) == 2 + 5 * 4 and notes.endswith(f"full table in {tmp_path / 'out'}/benchmark.md")
+
+
+def test_bench_results_are_appended_dated_with_the_machine_unless_asked_not_to(tmp_path, monkeypatch, capsys):
+    import common
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path / "RESULTS.md"))
+    monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, "bench", "x.py"), "--n", "a b"])
+    monkeypatch.delenv(common.NO_RECORD_ENV, raising=False)
+    common.record("Title", [("speed", "3x"), ("rows", 2)], "a note")
+    text = (tmp_path / "RESULTS.md").read_text()
+    lines = text.splitlines()
+    assert re.fullmatch(r"### Title \(\d{4}-\d\d-\d\d \d\d:\d\d\)", lines[1])
+    assert lines[2:4] == ["", f"- machine: {common.machine()}"] and lines[4] == "- command: `python bench/x.py --n 'a b'`"
+    assert lines[5:] == ["- a note", "", "| figure | value |", "|---|---|", "| speed | 3x |", "| rows | 2 |"]
+    assert text in capsys.readouterr().out
+    monkeypatch.setenv(common.NO_RECORD_ENV, "1")
+    common.record("Other", [("a", 1)])
+    assert (tmp_path / "RESULTS.md").read_text() == text and "### Other" in capsys.readouterr().out
+
+
+def test_bench_timing_takes_the_median_after_the_warm_up_and_pairs_alternate(monkeypatch):
+    import common
+    order = []
+    ticks = {"a": 1, "b": 3}
+
+    def fn(name):
+        def go():
+            order.append(name)
+            now[0] += ticks[name]
+        return go
+    now = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    assert common.timed(fn("a"), repeats=3, warmup=2) == 1 and order == ["a"] * 5
+    order.clear()
+    ta, tb, ratio = common.paired(fn("a"), fn("b"), repeats=3)
+    assert order == ["a", "b"] * 4 and (ta, tb, ratio) == (1, 3, 3)
+
+
+def test_a_bench_step_that_fails_stops_with_its_error(tmp_path):
+    import common
+    with pytest.raises(SystemExit) as e:
+        common.run("bench/no_such_script.py", "--x")
+    assert "bench/no_such_script.py --x failed:" in str(e.value) and "No such file" in str(e.value)
 
 
 @pytest.mark.parametrize("only,says", [("abc", "expected SIZE:WIDTHxDEPTH:EPOCHS"),
@@ -290,3 +387,117 @@ def test_the_gpu_bundle_holds_the_packages_and_fashion_mnist_or_says_what_is_mis
     monkeypatch.setattr(gpu_bundle, "LIMIT", 2 ** 20)
     with pytest.raises(UserError, match=r"bundle holds .* MiB, more than the 1 MiB a device call carries"):
         gpu_bundle.build(str(out), str(fmnist))
+
+
+def test_the_gpu_checks_stages_run_what_they_say_and_judge_what_comes_back(trained, tmp_path, monkeypatch, capsys):
+    """bench/gpu_check.py's main with its processes replaced by stand-ins that write what the real ones
+    write (no GPU here, and the real stages take minutes): each stage's command line, its figures, the
+    thresholds it judges by, and the exit status. --cpu_dry_run: one "GPU", the CPU's backend."""
+    import shutil
+    import subprocess
+
+    import gpu_check
+    work, calls = tmp_path / "work", []
+
+    def write_results(out_dir, shift, auroc):
+        os.makedirs(os.path.join(out_dir, "scores"))
+        arr = np.zeros(2, dtype=[("MFsim", "f8"), ("MSE", "f8")])
+        arr["MFsim"], arr["MSE"] = [1.0, 2.0], [10.0, 20.0 * (1 + shift)]
+        np.save(os.path.join(out_dir, "scores", "ID.npy"), arr)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump({"metrics": {"MFsim": {"svhn": {"AUROC": auroc}}}}, f)
+
+    def run(cmd, timeout, env=None, **kw):
+        calls.append(cmd)
+        flag = dict(zip(cmd, cmd[1:]))
+        if "main.py" in cmd:
+            out = flag["--output_dir"]
+            os.makedirs(out)
+            with open(os.path.join(out, "log.txt"), "w") as f:
+                for loss in (0.5, 0.25):
+                    f.write(json.dumps({"samples_per_s": 1234.4, "loss": loss}) + "\n")
+            shutil.copy(trained.ckpt / "checkpoint-last.pth", out)
+            n = cmd[cmd.index("--standalone") + 1].split("=")[1]
+            return 0, "", f"process group: gloo, {n} rank(s)"
+        if "test_mse_mfsim.py" in cmd:
+            name = os.path.basename(flag["--output_dir"])
+            write_results(flag["--output_dir"], {"eval-cpu_fp32": 0, "eval-gpu_fp32": 5e-5, "eval-gpu_amp": 1e-2}[name],
+                          {"eval-cpu_fp32": 0.9, "eval-gpu_fp32": 0.9, "eval-gpu_amp": 0.9005}[name])
+            return 0, "", ""
+        if "predict.py" in cmd:
+            assert len(os.listdir(flag["--images"])) == 40
+            with open(flag["--output"], "w") as f:
+                f.write("path,is_ood\n" + "".join(f"n{i}.png,{int(i < 3)}\n" for i in range(40)))
+            return 0, "40 images scored\n", ""
+        assert cmd[1] == "bench/gpu_eval.py" and env == {"DLSR_BENCH_NO_RECORD": "1"}
+        return 0, "row\n" * 30, ""
+
+    class Run:  # the SIGTERM stage's torchrun run: an epoch logged, then a save and 143 at the SIGTERM
+        started, exit_status = [], None
+
+        def __init__(self, cmd, **kw):
+            calls.append(cmd)
+            self.out, self.pid, self.returncode = cmd[cmd.index("--output_dir") + 1], 4242, None
+            os.makedirs(self.out)
+            with open(os.path.join(self.out, "log.txt"), "w") as f:
+                f.write("{}\n")
+            Run.started.append(self)
+
+        def poll(self):
+            return self.returncode
+
+        def communicate(self, timeout=None):
+            self.returncode = Run.exit_status
+            return "", ""
+    killed = []
+
+    def killpg(pid, sig):
+        killed.append((pid, sig))
+        shutil.copy(trained.ckpt / "checkpoint-last.pth", Run.started[-1].out)
+        Run.exit_status = 143
+    monkeypatch.setattr(gpu_check, "run", run)
+    monkeypatch.setattr(subprocess, "Popen", Run)
+    monkeypatch.setattr(os, "killpg", killpg)
+    monkeypatch.setattr(gpu_check.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu_dry_run", "--quick", "--work", str(work),
+                                      "--out", str(tmp_path / "report.json")])
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main()
+    report = json.loads((tmp_path / "report.json").read_text())
+    stages = report["stages"]
+    assert e.value.code == 0 and {n: s["status"] for n, s in stages.items()} == {
+        "train_1gpu": "ok", "train_2gpu": "skipped", "evaluate": "ok", "predict": "ok", "sigterm_with_workers": "ok",
+        "throughput": "ok"}
+    assert report["machine"]["gpus"] == 1 and report["machine"]["cpu_dry_run"] is True
+    train = calls[0]
+    assert train[1:5] == ["-m", "tools.torchrun", "--standalone", "--nproc_per_node=1"] and "main.py" in train
+    assert dict(zip(train, train[1:]))["--epochs"] == "2" and dict(zip(train, train[1:]))["--device"] == "cpu"
+    assert stages["train_1gpu"]["epochs"] == 2 and stages["train_1gpu"]["samples_per_s_last_epoch"] == 1234
+    assert stages["train_1gpu"]["loss_last"] == 0.25 and stages["train_1gpu"]["backend"] == "gloo"
+    assert stages["train_2gpu"]["why"] == "one GPU only"
+    evals = [c for c in calls if "test_mse_mfsim.py" in c]
+    assert [c[c.index("--output_dir") + 2:] for c in evals] == [["--no_plots", "--device", "cpu"],
+                                                                ["--no_plots", "--device", "cpu", "--no_amp"],
+                                                                ["--no_plots", "--device", "cpu"]]
+    ev = stages["evaluate"]
+    assert ev["gpu_fp32"]["max_relative_score_difference_vs_cpu"] == pytest.approx(20 * 5e-5 / (20 + 1e-3))
+    assert ev["fp32_within_1e-4"] is True and ev["amp_auroc_within_0.1"] is True
+    assert ev["gpu_amp"]["max_auroc_gap_points"] == pytest.approx(0.05)
+    assert stages["predict"]["rows"] == 40 and stages["predict"]["flagged"] == 3
+    assert killed == [(4242, signal.SIGTERM)] and stages["sigterm_with_workers"]["exit"] == 143
+    assert len(stages["throughput"]["rows"]) == 24 and [c for c in calls if "bench/gpu_eval.py" in c][0][-1] == "64"
+    assert capsys.readouterr().out.count("] ok (") == 5
+    shutil.rmtree(work)
+    monkeypatch.setattr(gpu_check, "run", lambda cmd, *a, **k: (1, "", "Traceback ...\nRuntimeError: boom")
+                        if "predict.py" in cmd else run(cmd, *a, **k))
+    with pytest.raises(SystemExit) as e:  # a failed stage: recorded, the others still run, exit 1
+        gpu_check.main()
+    stages = json.loads((tmp_path / "report.json").read_text())["stages"]
+    assert e.value.code == 1 and stages["predict"]["status"] == "failed" and stages["throughput"]["status"] == "ok"
+    assert stages["predict"]["error"] == "RuntimeError: predict.py exited 1: Traceback ...\nRuntimeError: boom"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--work", str(work), "--out", str(tmp_path / "none.json")])
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main()
+    assert e.value.code == 2 and "no GPU visible: the check needs one" in capsys.readouterr().err
+    assert json.loads((tmp_path / "none.json").read_text())["machine"]["gpus"] == 0

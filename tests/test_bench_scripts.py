@@ -232,6 +232,70 @@ def test_scale_study_checks_its_settings_before_training(only, says, tmp_path):
     assert scale_study.check_setting("64:512x2:20") is None
 
 
+def test_scale_study_rows_continue_their_runs_and_are_kept_between_calls(tmp_path, monkeypatch, capsys):
+    """bench/scale_study.py's main with the scripts replaced by stand-ins (a log line per epoch, seconds
+    = epoch + 1, loss = 1 / (epoch + 1); AUROCs by method): a 50-epoch row continues the 20-epoch run,
+    a finished row is not run again, and a row with fewer epochs than its run has is refused."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import scale_study
+    runs, recorded = [], []
+
+    def run(script, *args):
+        flag = dict(zip(args, args[1:]))
+        runs.append((script, args))
+        if script == "main.py":
+            out = flag["--output_dir"]
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "log.txt"), "a") as f:
+                for epoch in range(scale_study.trained_epochs(out), int(flag["--epochs"])):
+                    f.write(json.dumps({"epoch": epoch, "seconds": epoch + 1, "loss": 1 / (epoch + 1)}) + "\n")
+            open(os.path.join(out, "checkpoint-last.pth"), "w").close()
+            return
+        os.makedirs(flag["--output_dir"], exist_ok=True)
+        with open(os.path.join(flag["--output_dir"], "results.json"), "w") as f:
+            json.dump({"metrics": {m: {"shirt": {"AUROC": 0.5 + i / 10}} for i, m in enumerate(scale_study.METHODS)}}, f)
+    monkeypatch.setattr(scale_study, "run", run)
+    monkeypatch.setattr(scale_study, "record", lambda title, rows, notes="": recorded.append(rows))
+    out = tmp_path / "scale"
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", "--out", str(out), "--cache_dir", str(tmp_path / "cache"),
+                                      "--only", "64:1440x4:50,64:512x2:20,64:512x2:50"])
+    scale_study.main()
+    trainings = [args for script, args in runs if script == "main.py"]
+    assert [a[a.index("--output_dir") + 1] for a in trainings] == [str(out / "64px-1440x4"), str(out / "64px-512x2"),
+                                                                     str(out / "64px-512x2")]
+    assert trainings[0][-1] == "--overwrite" and trainings[1][-1] == "--overwrite"
+    assert trainings[2][-2:] == ("--resume", str(out / "64px-512x2" / "checkpoint-last.pth"))
+    wide = trainings[0]
+    assert [wide[i + 1] for i, a in enumerate(wide) if a == "--opt"] == [
+        "backbone.input_size=64", "lfdn.model_channels=1440", "lfdn.bottleneck_channels=1440",
+        "lfdn.time_embed_dim=720", "lfdn.num_res_blocks=4"]
+    rows = json.loads((out / "rows.json").read_text())
+    assert [r["setting"] for r in rows] == ["64:1440x4:50", "64:512x2:20", "64:512x2:50"]
+    assert [r["train_seconds_total"] for r in rows] == [sum(range(1, 51)), sum(range(1, 21)), sum(range(1, 51))]
+    assert [r["loss"] for r in rows] == [1 / 50, 1 / 20, 1 / 50]
+    assert rows[0]["auroc"] == {"MFsim": 50.0, "MSE": 60.0, "kNN_k1": 70.0, "kNN_k50": 80.0, "Mahalanobis": 90.0}
+    evaluations = [args for script, args in runs if script == "test_mse_mfsim.py"]
+    assert [a[a.index("--output_dir") + 1] for a in evaluations] == [
+        str(out / "eval-64px-1440x4-50"), str(out / "eval-64px-512x2-20"), str(out / "eval-64px-512x2-50")]
+    table = (out / "scale.md").read_text().splitlines()
+    assert table[2:] == ["| 64 px | 512 x 2 | 20 | 50.00 | 60.00 | 70.00 | 80.00 | 90.00 | 3.5 min |",
+                         "| 64 px | 512 x 2 | 50 | 50.00 | 60.00 | 70.00 | 80.00 | 90.00 | 21.2 min |",
+                         "| 64 px | 1440 x 4 | 50 | 50.00 | 60.00 | 70.00 | 80.00 | 90.00 | 21.2 min |"]
+    assert recorded[0][0] == ("64 px, LFDN 512x2, 20 epochs",
+                              "MFsim 50.00, MSE 60.00, kNN_k1 70.00, kNN_k50 80.00, Mahalanobis 90.00; training 210 s")
+    runs.clear()
+    scale_study.main()  # every row kept: nothing runs again
+    assert runs == [] and len(recorded) == 2
+    (out / "rows.json").unlink()
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", "--out", str(out), "--only", "64:512x2:20"])
+    with pytest.raises(SystemExit, match=r"64px-512x2 has trained 50 epochs already; its 20-epoch row needs its own"):
+        scale_study.main()
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", "--out", str(out), "--only", "64:512x2:50"])
+    runs.clear()
+    scale_study.main()  # its run has all 50 epochs (the rows' file lost): evaluated, not trained again
+    assert [script for script, _ in runs] == ["test_mse_mfsim.py"]
+
+
 def test_choosing_k_on_the_validation_lists(oo, tmp_path):
     out = tmp_path / "k"
     proc = run_inprocess("bench/openood_k.py", "--checkpoint", oo.ckpt_path, "--ks", "1,4", "--output_dir", str(out))

@@ -95,6 +95,25 @@ def test_a_failure_while_swapping_results_in_leaves_the_old_results(tmp_path, mo
     assert (old / "results.md").read_text() == "new" and not new.exists()
 
 
+def test_results_csv_gives_each_sets_image_count_and_says_missing_and_incomplete():
+    from store.report import EvalResult, SetResult, results_csv
+    sets = {"ID": SetResult("ID", "digits", 50, features_from="cache"),
+            "a": SetResult("a", "noise", 30, features_from="extracted"), "b": SetResult("b", "svhn", 7),
+            "c": SetResult("c", "photos", 20, features_from="cache")}
+    m = {"AUROC": 0.75, "AUPR_In": 0.5, "AUPR_Out": 0.25, "FPR95": 0.125}
+    metrics = {"MFsim": {"a": m, "b": None, "c": {k: v / 2 for k, v in m.items()}}}
+    text = results_csv(EvalResult("MFsim", ["MFsim"], sets, metrics, {"groups": {"a": "near", "b": "far", "c": "far"}}))
+    head, *rows = list(csv.reader(text.splitlines()))
+    assert head[:3] == ["score", "ood_set", "images"]
+    width = len(head) - 3
+    assert rows[0] == ["MFsim", "a", "30", *[f"{100 * m[k]:.6f}" for k in head[3:]]]
+    assert rows[1] == ["MFsim", "b", "", *["missing"] * width]  # never read: no image count either
+    assert rows[2] == ["MFsim", "c", "20", *[f"{50 * m[k]:.6f}" for k in head[3:]]]
+    assert rows[3] == ["MFsim", "near mean", "", *[f"{100 * m[k]:.6f}" for k in head[3:]]]
+    assert rows[4] == ["MFsim", "far mean", "", *["incomplete"] * width]  # b is missing: no mean of c alone
+    assert rows[5] == ["MFsim", "mean", "", *["incomplete"] * width] and len(rows) == 6
+
+
 def test_near_and_far_rows_of_results_csv(trained, tmp_path):
     out = tmp_path / "res"
     run_inprocess("test_mse_mfsim.py", "--pretrained_ldm_ckpt", str(trained.ckpt / "checkpoint-last.pth"),
@@ -134,6 +153,27 @@ def test_plots_have_one_panel_per_ood_set_that_was_scored_three_to_a_row(tmp_pat
     empty = tmp_path / "none"
     empty.mkdir()
     assert write_plots(result(0, 2), str(empty)) == [] and not list(empty.iterdir())  # every OOD set missing
+    import matplotlib.figure
+    from sklearn.metrics import roc_curve
+    drawn, save = [], matplotlib.figure.Figure.savefig
+
+    def record(fig, *a, **k):  # what each saved figure shows: titles, legends, the curves' points
+        drawn.append([(ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()], [l.get_xydata() for l in ax.lines])
+                      for ax in fig.axes if ax.axison])
+        return save(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    two = result(2, 1)
+    two.metrics["MFsim"]["o1"] = {"AUROC": 0.5}
+    (tmp_path / "two").mkdir()
+    write_plots(two, str(tmp_path / "two"))
+    (roc_title, roc_legend, curves), = drawn[0]
+    assert roc_title == "ROC, MFsim" and roc_legend == ["o0 (AUROC 75.00)", "o1 (AUROC 50.00)"]
+    for name, curve in zip(("o0", "o1"), curves):
+        id_s, ood = two.sets["ID"].scores["MFsim"], two.sets[name].scores["MFsim"]
+        fpr, tpr, _ = roc_curve(np.r_[np.zeros(50), np.ones(30)], np.r_[id_s, ood])  # OOD positive
+        assert np.array_equal(curve, np.c_[fpr, tpr])
+    assert [(title, legend) for title, legend, _ in drawn[1]] == [("MFsim: ID vs o0", ["ID (digits)", "o0"]),
+                                                                  ("MFsim: ID vs o1", ["ID (digits)", "o1"])]
     import sys
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -226,6 +226,26 @@ def test_a_key_repeated_in_a_flow_mapping_on_one_line_is_refused(tiny, tmp_path)
         load_config(str(path))
 
 
+def test_a_key_a_config_file_leaves_out_takes_the_release_value_of_config_yaml():
+    """The settings' defaults are config/Config.yaml's (the release's), every one, except two batch sizes
+    (speed settings: features and scores agree to float rounding) and the near/far groups, which the file adds."""
+    import dataclasses
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if dataclasses.is_dataclass(v):
+                yield from flat(vars(v), f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+    defaults = dict(flat(vars(Config())))
+    release = dict(flat(vars(load_config(os.path.join(ROOT, "config", "Config.yaml")))))
+    assert set(defaults) == set(release) and len(defaults) > 40
+    differ = {k: (defaults[k], release[k]) for k in defaults if defaults[k] != release[k]}
+    assert differ == {"extract_batch_size": (64, 32), "eval.batch_size": (64, 256),
+                      "eval.groups": ({}, release["eval.groups"])}
+    assert defaults["eval.ood"] == release["eval.ood"] and defaults["lfdn.num_res_blocks"] == 16
+
+
 def test_an_unhashable_key_is_yamls_own_one_line_error(tmp_path):
     path = tmp_path / "key.yaml"
     path.write_text("train:\n  epochs: 2\n  ? [1, 2]\n  : 3\n")

@@ -99,6 +99,8 @@ def test_detector_is_a_pytorch_ood_detector(detector):
     from pytorch_ood.api import Detector, FeaturesDetector
     assert isinstance(detector, Detector) and isinstance(detector, FeaturesDetector)
     assert isinstance(KNNDetector(), Detector) and isinstance(MahalanobisDetector(), Detector)
+    # pytorch-ood's flag that fit() must come before scoring (its base fit() does nothing where it is False)
+    assert detector.requires_fit is KNNDetector.requires_fit is MahalanobisDetector.requires_fit is True
     import inspect
     assert list(inspect.signature(DLSRDetector.fit_features).parameters)[:3] == ["self", "x", "y"]
 

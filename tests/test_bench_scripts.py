@@ -1,7 +1,8 @@
 """The bench scripts' own logic, where a wrong line would put a wrong number in a published table:
 the one-class split and its outputs (bench/oneclass.py), the aggregation over seeds of the near/far
-benchmark (bench/benchmark.py), k chosen on OpenOOD's validation lists (bench/openood_k.py), and
-the scripts' argument checks."""
+benchmark (bench/benchmark.py), k chosen on OpenOOD's validation lists (bench/openood_k.py), the
+scale study's rows (bench/scale_study.py), the GPU check's stages and its bundle (bench/gpu_check.py,
+tools/gpu_bundle.py), the results log and timing of bench/common.py, and the scripts' argument checks."""
 import csv
 import json
 import os

@@ -33,7 +33,7 @@ DOCKER = {"--shm"}  # docker run's --shm-size, in docs/OPERATIONS.md
 PIP = {"--no"}  # pip's --no-deps and --no-index, in docs/OPERATIONS.md
 
 
-PYTEST = {"--dist"}  # pytest-xdist's, in docs/USAGE.md
+PYTEST = {"--dist", "--durations"}  # pytest-xdist's and pytest's, in docs/USAGE.md
 
 
 def gpu_check_flags():

@@ -275,42 +275,8 @@ def test_a_negative_learning_rate_reaches_the_range_check():
     assert proc.returncode == 2 and "train.lr must be in [0, inf), got -0.0001" in last(proc)
 
 
-def test_entry_points_keep_freed_memory_with_glibc_unless_asked_not_to(monkeypatch):
-    """utils/runtime.keep_freed_memory, which cli.run_entry calls first: glibc's mallopt(M_MMAP_MAX, 0)
-    and mallopt(M_TRIM_THRESHOLD, 1 GiB) (<malloc.h>: -4 and -1); nothing with DLSR_DEFAULT_MALLOC=1,
-    without glibc, or off Linux."""
-    import ctypes
-    import sys
-
+def test_run_entry_keeps_freed_memory_before_it_runs_main(monkeypatch):
     import cli
-    from utils import runtime
-    calls = []
-
-    class Libc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: calls.append(name) or Libc())
-    monkeypatch.delenv("DLSR_DEFAULT_MALLOC", raising=False)
-    runtime.keep_freed_memory()
-    assert calls == ["libc.so.6", (-4, 0), (-1, 2 ** 30)]
-    for value, tuned in (("1", False), ("0", True), ("", True)):
-        calls.clear()
-        monkeypatch.setenv("DLSR_DEFAULT_MALLOC", value)
-        runtime.keep_freed_memory()
-        assert (len(calls) == 3) is tuned, value
-    monkeypatch.delenv("DLSR_DEFAULT_MALLOC")
-
-    def no_glibc(name):
-        raise OSError(f"{name}: cannot open shared object file")
-    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
-    runtime.keep_freed_memory()  # musl: nothing to tune, no error
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: calls.append(name) or Libc())
-    monkeypatch.setattr(sys, "platform", "darwin")
-    calls.clear()
-    runtime.keep_freed_memory()
-    assert calls == []
-    monkeypatch.setattr(sys, "platform", "linux")
     order = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: order.append("tuned"))
     cli.run_entry(lambda argv: order.append(("main", argv)), ["--x"])

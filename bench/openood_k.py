@@ -26,7 +26,7 @@ from cli import resolve_config, run_entry  # noqa: E402
 from utils.distributed import distributed_context  # noqa: E402
 from engine.evaluation import run_evaluation  # noqa: E402
 from engine.scorer import Scorer  # noqa: E402
-from experiment.config import largest_k  # noqa: E402
+from models.diffusion import largest_k  # noqa: E402
 from experiment.run import run_config  # noqa: E402
 from scoring.metrics import ood_metrics  # noqa: E402
 from utils.precision import exact_fp32  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     flags = {"data_path": args.data_path, "cache_dir": args.cache_dir, "device": args.device}
     run = run_config({"end": load_checkpoint(args.checkpoint)}, args.config, lambda c: resolve_config(c, flags, ()))
     cfg = run.cfg
-    top = largest_k(cfg.diffusion)
+    top = largest_k(cfg.diffusion.timesteps, cfg.diffusion.indexing)
     if max(ks) > top:
         raise UserError(f"--ks: k must be in 1..{top} with {cfg.diffusion.indexing} indexing, got {max(ks)}")
     aurocs = validation_aurocs(run, ks)

@@ -14,7 +14,7 @@ import yaml
 
 from errors import UserError
 from models.backbones import backbone
-from models.diffusion import INDEXING
+from models.diffusion import INDEXING, largest_k
 from scoring.baselines import BASELINES
 from scoring.metrics import FPR95_CONVENTIONS
 from scoring.scores import MFSIM_LAYERS, score_types
@@ -410,16 +410,10 @@ def _check_eval_lists(cfg: Config, source: str) -> None:
                         f"({e.knn_k}); each k is one score column")
 
 
-def largest_k(d: DiffusionConfig) -> int:
-    """The largest k (diffusion.subset_timesteps_num) the schedule allows: T - 1 with the release's
-    indexing (it noises to abar[k], one past the k steps it runs), T otherwise."""
-    return d.timesteps - 1 if d.indexing == "release" else d.timesteps
-
-
 def _check_ranges(cfg: Config, source: str) -> None:
     """Values that would run but give meaningless numbers (or fail after hours) are refused up front."""
     d, hp = cfg.diffusion, cfg.train
-    top = largest_k(d)
+    top = largest_k(d.timesteps, d.indexing)
     if not 1 <= d.subset_timesteps_num <= top:
         raise UserError(f"{source}: diffusion.subset_timesteps_num (k) must be in 1..{top} with {d.indexing} "
                         f"indexing and {d.timesteps} timesteps, got {d.subset_timesteps_num}")

@@ -13,6 +13,12 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 INDEXING = ("release", "consistent")
 
 
+def largest_k(timesteps: int, indexing: str) -> int:
+    """The most steps (k, diffusion.subset_timesteps_num) a reconstruction may take: T - 1 with the
+    release's indexing (it noises to abar[k], one past the k steps it runs), T otherwise."""
+    return timesteps - 1 if indexing == "release" else timesteps
+
+
 class GaussianDiffusion:
     """The "linear" schedule of latent-diffusion: betas = linspace(sqrt(b0), sqrt(b1), T) ** 2, float64."""
 
@@ -46,8 +52,9 @@ class GaussianDiffusion:
         """(start index, [(network timestep s, a, a_prev), ...]) of the partial DDIM run (docs/METHOD.md §5)."""
         if indexing not in INDEXING:
             raise ValueError(f"indexing must be one of {INDEXING}, got {indexing!r}")
-        if not 1 <= steps <= self.timesteps - (indexing == "release"):
-            raise ValueError(f"steps must be in 1..{self.timesteps - (indexing == 'release')}, got {steps}")
+        top = largest_k(self.timesteps, indexing)
+        if not 1 <= steps <= top:
+            raise ValueError(f"steps must be in 1..{top}, got {steps}")
         abar = self.alphas_cumprod.tolist()
         if indexing == "release":
             return steps, [(i + 1, abar[i], abar[i - 1] if i > 0 else abar[0]) for i in reversed(range(steps))]

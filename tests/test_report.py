@@ -53,14 +53,18 @@ def test_a_failed_write_leaves_the_previous_results_whole(trained, tmp_path, mon
 def test_output_problems_are_reported_before_any_work(trained, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     line = error_line(try_evaluate(trained, tmp_path / "file"))
-    assert "is a file" in line
+    assert line == f"error: output folder {str(tmp_path / 'file')!r} is a file, not a folder"
+    line = error_line(try_evaluate(trained, tmp_path / "file" / "res"))  # its folder is a file
+    assert line == f"error: the folder of the output folder {str(tmp_path / 'file')!r} is a file, not a folder"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")
     assert "not evaluation results (thesis.tex)" in error_line(try_evaluate(trained, tmp_path / "mine"))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"
     cache = tmp_path / "cache-file"
     cache.write_text("x")
-    assert "is a file" in error_line(try_evaluate(trained, tmp_path / "o", "--cache_dir", str(cache)))
+    line = error_line(try_evaluate(trained, tmp_path / "o", "--cache_dir", str(cache)))
+    assert line == f"error: feature cache folder {str(cache)!r} is a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-file", "file", "mine"]  # nothing made
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

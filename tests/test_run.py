@@ -144,9 +144,12 @@ def test_lr_refuses_a_pair_that_is_one_file_under_two_names(trained, tmp_path):
     assert proc.returncode == 2 and "are the same file" in last(proc)
 
 
-def test_the_authors_files_take_config_yaml_in_every_script_and_the_api(tmp_path, caplog):
+def test_the_authors_files_take_config_yaml_in_every_script_and_the_api(tmp_path, caplog, monkeypatch):
     """One policy for the release's checkpoints, which store no config: the config given, else
-    config/Config.yaml (the release's own settings), with one line saying so."""
+    config/Config.yaml (the release's own settings), with one line saying so: the working folder's
+    where it has one (the seed's commands run in the repository), else the repository's own."""
+    import yaml
+
     from experiment.run import run_config
     from store.checkpoint import LoadedCheckpoint
     ck = LoadedCheckpoint(str(tmp_path / "release.pth"), "release", {}, None, 149)
@@ -154,6 +157,15 @@ def test_the_authors_files_take_config_yaml_in_every_script_and_the_api(tmp_path
         run = run_config({"end": ck})
     assert run.source.endswith(os.path.join("config", "Config.yaml")) and run.cfg.backbone.name == "efficientnet-b4"
     assert any("stores no config (an authors' release file): using" in r.getMessage() for r in caplog.records)
+    monkeypatch.chdir(tmp_path)  # a folder with no config/: the repository's file
+    run = run_config({"end": ck})
+    assert run.source == os.path.join(ROOT, "config", "Config.yaml") and run.cfg.backbone.name == "efficientnet-b4"
+    (tmp_path / "config").mkdir()  # a folder with its own config/Config.yaml: that one
+    own = yaml.safe_load(open(os.path.join(ROOT, "config", "Config.yaml")))
+    own["backbone"]["input_size"] = 320
+    (tmp_path / "config" / "Config.yaml").write_text(yaml.safe_dump(own))
+    run = run_config({"end": ck})
+    assert run.source == os.path.join("config", "Config.yaml") and run.cfg.backbone.input_size == 320
     given = run_config({"end": ck}, os.path.join(ROOT, "config", "Config_resnet50.yaml"))
     assert given.cfg.backbone.name == "resnet50"  # the config given wins where the file has none
 

@@ -76,6 +76,17 @@ def test_to_moves_every_piece_of_scoring_state(tiny):
     assert scorer.mode == "fp32" and scorer.ctx.device == FAKE_GPU  # the arithmetic follows the device
 
 
+def test_a_scorer_is_built_on_its_contexts_device(trained):
+    """The scripts' scorer (from checkpoints) holds its backbone and every LFDN on the rank's device,
+    not only after a later ``to`` (the meta device stands in for a GPU here)."""
+    ckpt = str(trained.ckpt / "checkpoint-last.pth")
+    scorer = scorer_for(load_config(trained.config), DistContext(0, 1, 0, FAKE_GPU),
+                        {"first": trained.ckpt / "checkpoint-0.pth", "end": ckpt})
+    tensors = [*scorer.extractor.parameters(), *scorer.extractor.buffers(),
+               *[p for m in scorer.models.values() for p in m.parameters()]]
+    assert set(scorer.models) == {"first", "end"} and all(t.device == FAKE_GPU for t in tensors)
+
+
 def test_lr_first_scores_use_the_first_checkpoints_own_noise_role(trained):
     ckpts = {"first": str(trained.ckpt / "checkpoint-0.pth"), "end": str(trained.ckpt / "checkpoint-last.pth")}
     cfg = load_config(trained.config)

@@ -195,6 +195,9 @@ def test_skip_missing_marks_sets_in_the_table(trained):
     assert "| **mean** | incomplete (LSUN missing) | - | - | - | - |" in md  # no mean over fewer sets
     data = json.loads((out / "results.json").read_text())
     assert data["metrics"]["MFsim"]["LSUN"] is None and data["metrics"]["MFsim"]["mean"] is None
+    assert data["sets"]["LSUN"] == {"spec": "folder:LSUN", "images": 0, "features": "missing", "seconds": 0.0,
+                                    "images_per_s": None}  # named, with the set it stands for
+    assert data["sets"]["gauss"]["spec"] == "noise:gaussian:200" and data["sets"]["gauss"]["images"] == 200
     rows = {(r["score"], r["ood_set"]): r for r in csv.DictReader(open(out / "results.csv"))}
     assert rows[("MFsim", "LSUN")]["AUROC"] == "missing" and rows[("MFsim", "mean")]["AUROC"] == "incomplete"
     assert float(rows[("MFsim", "gauss")]["AUROC"]) > 90

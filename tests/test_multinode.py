@@ -60,10 +60,12 @@ def test_training_on_two_nodes_when_one_node_holds_the_cache(single, holder):
     for k in a.model:
         assert torch.allclose(a.model[k], b.model[k], rtol=1e-4, atol=1e-6), k
         assert torch.allclose(a.ema["weights"][k], b.ema["weights"][k], rtol=1e-4, atol=1e-6), k
-    # The node that lacked the file now has it, with the same features.
+    # The node that lacked the file now has it, as it was sent: the same key, features and image keys.
     assert [n for n in cache_files(empty) if "-train-" in n] == [n for n in cache_files(t.tmp / "A") if "-train-" in n]
     name = next(n for n in cache_files(empty) if "-train-" in n)
-    assert torch.equal(torch.load(empty / name)["features"], torch.load(t.tmp / "A" / name)["features"])
+    sent, got = torch.load(t.tmp / "A" / name), torch.load(empty / name)
+    assert sent.keys() == got.keys() == {"key", "features", "image_keys"} and got["key"] == sent["key"]
+    assert torch.equal(got["features"], sent["features"]) and torch.equal(got["image_keys"], sent["image_keys"])
 
 
 @pytest.mark.parametrize("holder", [1, None])  # node 0 as the holder: the training test above

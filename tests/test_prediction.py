@@ -21,6 +21,7 @@ from tests.helpers import (
     EVAL_DIGITS,
     _digit_png,
     digits_uint8,
+    hold_lock,
     last,
     predict,
     run_forked,
@@ -280,10 +281,16 @@ def test_predict_output_checked_before_work_locked_and_parts_unique(trained, tmp
     r16, r8 = (row.split(",") for row in sorted(rows[1:]))
     assert r16[0].endswith("d16.png") and r8[0].endswith("d8.png")
     assert r16[1:3] == r8[1:3] and r16[4] == ""  # the 16-bit image scores as its 8-bit high byte does
-    from store.rundir import lock_beside
-    with lock_beside(str(tmp_path / "new" / "deeper" / "p.csv"), "held"):  # our own lock, held by this process
-        proc = run_forked("predict.py", *args, "--output", str(tmp_path / "new" / "deeper" / "p.csv"), check=False)
-    assert proc.returncode == 2 and "is in use by another run" in proc.stderr.strip().splitlines()[-1]
+    out = tmp_path / "new" / "deeper" / "p.csv"
+    holder = hold_lock(out.parent / ".p.csv.lock")  # another process holds the lock beside the CSV
+    try:
+        proc = run_forked("predict.py", *args, "--output", str(out), check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --output {str(out)!r} is in use by another run (process 4242 holds {out.parent / '.p.csv.lock'}); "
+        f"wait for it or choose another folder")
 
 
 def test_predict_output_never_replaces_an_input_or_its_own_csv(trained, tmp_path):

@@ -10,13 +10,17 @@ def test_a_second_run_into_a_locked_folder_is_refused(trained, tmp_path):
     try:
         cfg = trained.write("locked.yaml", output_dir=str(tmp_path / "run"))
         line = error_line(run_inprocess("main.py", "--config", cfg, check=False))
-        assert "in use by another run" in line and "4242" in line
+        lock = tmp_path / "run" / ".lock"
+        assert line == (f"error: output folder {str(tmp_path / 'run')!r} is in use by another run (process 4242 holds "
+                        f"{lock}); wait for it or choose another folder")
     finally:
         holder.kill()
         holder.wait()
     holder = hold_lock(tmp_path / ".res.lock")
     try:
-        assert "in use by another run" in error_line(try_evaluate(trained, tmp_path / "res"))
+        line = error_line(try_evaluate(trained, tmp_path / "res"))
+        assert line == (f"error: output folder {str(tmp_path / 'res')!r} is in use by another run (process 4242 "
+                        f"holds {tmp_path / '.res.lock'}); wait for it or choose another folder")
     finally:
         holder.kill()
         holder.wait()

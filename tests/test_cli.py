@@ -97,7 +97,12 @@ CLI_CASES = {
     "a class out of range": ("main.py", ["--config", "CFG", "--dataset", "digits@11"], "unknown class '11'"),
     "an empty class list": ("main.py", ["--config", "CFG", "--dataset", "digits@"], "unknown class ''"),
     "an unknown --opt key": ("main.py", ["--config", "CFG", "--opt", "train.nonexistent=1"], "unknown config key"),
-    "a log folder that is a file": ("main.py", ["--config", "CFG", "--log_dir", "TMP/img.png"], "is a file"),
+    "a log folder that is a file": ("main.py", ["--config", "CFG", "--log_dir", "TMP/img.png"],
+                                    "log folder 'TMP/img.png' is a file, not a folder"),
+    "a run folder that is a file": ("main.py", ["--config", "CFG", "--output_dir", "TMP/img.png"],
+                                    "output folder 'TMP/img.png' is a file, not a folder"),
+    "a cache folder that is a file": ("main.py", ["--config", "CFG", "--cache_dir", "TMP/img.png"],
+                                      "feature cache folder 'TMP/img.png' is a file, not a folder"),
     "zero epochs": ("main.py", ["--config", "CFG", "--epochs", "0"], "train.epochs must be positive"),
     "new weights that overwrite deletes": ("main.py", ["--config", "CFG", "--pre_ckpt_path", "CKPT", "--overwrite",
                                                        "--output_dir", "CKPTDIR"], "one of the checkpoints that"),
@@ -265,7 +270,7 @@ def test_cli_refuses_in_one_line_before_any_work(name, trained, odd_files, tmp_p
         args += ["--output_dir", str(tmp_path / "run")]
     before = {p: os.path.getmtime(p) for p in (ckpt, trained.config)}
     proc = run_inprocess(script, *args, check=False)
-    assert proc.returncode == 2 and says in last(proc), proc.stderr[-800:]
+    assert proc.returncode == 2 and fill(says) in last(proc), proc.stderr[-800:]
     assert "Traceback" not in proc.stderr
     assert {p: os.path.getmtime(p) for p in before} == before  # no input touched
 

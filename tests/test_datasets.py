@@ -35,7 +35,8 @@ def save_flat_images(folder, n):
 
 def test_class_filters_select_by_index_range_list_and_name(tmp_path):
     target = load_digits().target
-    for spec, classes in (("digits@3", [3]), ("digits@0-4", [0, 1, 2, 3, 4]), ("digits@0,1,8", [0, 1, 8])):
+    for spec, classes in (("digits@3", [3]), ("digits@0-4", [0, 1, 2, 3, 4]), ("digits@0,1,8", [0, 1, 8]),
+                          ("digits@3-3", [3]), ("digits@7-9", [7, 8, 9]), ("digits@9", [9])):  # bounds included
         ds = build_dataset(spec, "test", str(tmp_path), 16)
         expected = np.flatnonzero(np.isin(target, classes))
         assert len(ds) == len(expected) and sorted(set(ds.labels.tolist())) == classes
@@ -54,6 +55,8 @@ def test_class_filters_select_by_index_range_list_and_name(tmp_path):
 @pytest.mark.parametrize("spec,message", [
     ("digits@10", "unknown class '10'; the classes are 0=0, 1=1"),
     ("digits@4-2", "unknown class '4-2'"),
+    ("digits@8-10", "unknown class '8-10'"),
+    ("digits@-1", "unknown class '-1'"),
     ("folder:pets@bird", "unknown class 'bird'; the classes are 0=cat, 1=dog"),
     ("photos@1", "photos has no classes"),
 ])

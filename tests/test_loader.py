@@ -82,6 +82,20 @@ def test_a_process_that_exits_with_a_loader_left_open_does_not_wait_on_its_worke
     assert proc.returncode == 3, proc.stderr[-1000:]
 
 
+def test_the_exit_handler_is_registered_once_by_the_first_loader_with_workers(monkeypatch):
+    """A process that builds loaders for every set and epoch registers one exit handler, not one each;
+    a loader without workers (nothing to kill) registers none."""
+    registered = []
+    monkeypatch.setattr(loader, "_exit_handler", [])  # as in a fresh process
+    monkeypatch.setattr(loader.atexit, "register", registered.append)
+    data = list(range(8))
+    loader.image_loader(data, 4, 0)
+    assert registered == []
+    for _ in range(3):
+        loader.image_loader(data, 4, 2)
+    assert registered == [loader._kill_workers_at_exit]
+
+
 def test_dev_shm_that_holds_every_worker_leaves_the_count_and_says_nothing(monkeypatch, caplog):
     features = loader
     batch = 10 * 2 ** 20

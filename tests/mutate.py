@@ -49,7 +49,8 @@ COLLECTIVES = {"barrier", "all_reduce", "all_reduce_sum", "all_reduce_mean", "br
 DEVICE_MOVES = {"to", "cuda", "cpu", "on_device"}
 KINDS = ("operator", "mistake")
 SYMMETRIC = {"max", "min", "gcd", "lcm", "hypot", "isclose", "allclose", "equal", "array_equal", "same_file",
-             "samefile"}  # calls whose first two arguments commute: a swap is no mistake
+             "samefile", "clip"}  # calls whose first two arguments commute: a swap is no mistake
+# (numpy's clip(a, lo, hi) is minimum(maximum(a, lo), hi): a and lo commute)
 
 
 class Site:

@@ -26,6 +26,8 @@ def test_a_word_longer_than_the_limit_keeps_its_ends_and_says_how_much_was_left_
     fits = "b" * LONG_WORD
     assert one_line(UserError(f"x {fits} y")) == f"x {fits} y"  # at the limit: kept whole
     assert one_line(UserError("two\nlines")) == "two\\nlines" and one_line(UserError("")) == "UserError"
+    assert one_line(UserError("a\rname\r\n")) == "a\\rname"  # a carriage return shown escaped too (ends stripped)
+    assert one_line(UserError("bad\r\nname")) == "bad\\r\\nname"
 
 
 def test_a_refused_load_is_told_by_the_global_it_asks_for_else_its_first_line():

@@ -1,12 +1,8 @@
 """tests/mutate.py (``make mutate``): the planted bugs it draws are the kinds docs/USAGE.md names, each
 written as the one-spot change it says, and none that cannot be a bug (a docstring, commuting arguments)."""
 import ast
-import sys
 
-from tests.helpers import ROOT
-
-sys.path.insert(0, ROOT)
-from tests.mutate import docstring_lines, mutant, sites  # noqa: E402
+from tests.mutate import docstring_lines, mutant, sites
 
 SOURCE = '''"""A module's docstring: 1 < 2 is no site."""
 import numpy as np
@@ -31,10 +27,6 @@ def drawn(kind=None):
     tree = ast.parse(SOURCE)
     skip = docstring_lines(tree)
     return {(s.what, s.line): mutant(tree, s) for s in sites(tree) if s.line not in skip and (kind is None or s.kind == kind)}
-
-
-def line_of(source: str, n: int) -> str:
-    return source.splitlines()[n - 1].strip()
 
 
 def test_the_mistakes_that_matter_are_drawn_as_one_spot_changes():

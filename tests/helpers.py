@@ -1,5 +1,6 @@
 """Shared by the tests: a tiny config on disk, runners for the real entry scripts, and helpers
 several test files use."""
+import contextlib
 import csv
 import os
 import socket
@@ -462,14 +463,21 @@ def scorer_for(cfg, ctx, paths: dict):
     return Scorer.from_checkpoints(run_config({role: load_checkpoint(str(p)) for role, p in paths.items()}, cfg), ctx)
 
 
+@contextlib.contextmanager
 def hold_lock(path):
-    """Another process holding the lock file ``path`` (as a second run would)."""
+    """For the block, another process holds the lock file ``path`` (as a second run would), its pid
+    written as 4242."""
     code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
             "fcntl.lockf(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'4242'); print('locked', flush=True); "
             "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 class Exploit:

@@ -282,12 +282,8 @@ def test_predict_output_checked_before_work_locked_and_parts_unique(trained, tmp
     assert r16[0].endswith("d16.png") and r8[0].endswith("d8.png")
     assert r16[1:3] == r8[1:3] and r16[4] == ""  # the 16-bit image scores as its 8-bit high byte does
     out = tmp_path / "new" / "deeper" / "p.csv"
-    holder = hold_lock(out.parent / ".p.csv.lock")  # another process holds the lock beside the CSV
-    try:
+    with hold_lock(out.parent / ".p.csv.lock"):  # another process holds the lock beside the CSV
         proc = run_forked("predict.py", *args, "--output", str(out), check=False)
-    finally:
-        holder.kill()
-        holder.wait()
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: --output {str(out)!r} is in use by another run (process 4242 holds {out.parent / '.p.csv.lock'}); "
         f"wait for it or choose another folder")

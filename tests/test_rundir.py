@@ -6,24 +6,16 @@ from tests.helpers import error_line, hold_lock, run_inprocess, try_evaluate
 
 def test_a_second_run_into_a_locked_folder_is_refused(trained, tmp_path):
     (tmp_path / "run").mkdir()
-    holder = hold_lock(tmp_path / "run" / ".lock")
-    try:
+    lock = tmp_path / "run" / ".lock"
+    with hold_lock(lock):
         cfg = trained.write("locked.yaml", output_dir=str(tmp_path / "run"))
         line = error_line(run_inprocess("main.py", "--config", cfg, check=False))
-        lock = tmp_path / "run" / ".lock"
-        assert line == (f"error: output folder {str(tmp_path / 'run')!r} is in use by another run (process 4242 holds "
-                        f"{lock}); wait for it or choose another folder")
-    finally:
-        holder.kill()
-        holder.wait()
-    holder = hold_lock(tmp_path / ".res.lock")
-    try:
+    assert line == (f"error: output folder {str(tmp_path / 'run')!r} is in use by another run (process 4242 holds "
+                    f"{lock}); wait for it or choose another folder")
+    with hold_lock(tmp_path / ".res.lock"):
         line = error_line(try_evaluate(trained, tmp_path / "res"))
-        assert line == (f"error: output folder {str(tmp_path / 'res')!r} is in use by another run (process 4242 "
-                        f"holds {tmp_path / '.res.lock'}); wait for it or choose another folder")
-    finally:
-        holder.kill()
-        holder.wait()
+    assert line == (f"error: output folder {str(tmp_path / 'res')!r} is in use by another run (process 4242 "
+                    f"holds {tmp_path / '.res.lock'}); wait for it or choose another folder")
 
 
 def test_causes_and_output_problems_are_said_in_words(tmp_path):

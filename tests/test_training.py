@@ -583,13 +583,9 @@ def test_a_log_folder_belongs_to_its_run(tiny):
     assert ((logs / "log.txt").read_text(), (logs / "config.yaml").read_text()) == kept
     assert not (tiny.tmp / "B" / "checkpoint-0.pth").exists()  # refused before any work
     # a second run given the same --log_dir while the first holds it: the folder's lock
-    holder = hold_lock(logs / ".lock")
-    try:
+    with hold_lock(logs / ".lock"):
         proc = run_inprocess("main.py", "--config", a, "--resume", "auto", "--epochs", "2", check=False)
-        assert proc.returncode == 2 and "log folder" in last(proc) and "in use by another run" in last(proc)
-    finally:
-        holder.kill()
-        holder.wait()
+    assert proc.returncode == 2 and "log folder" in last(proc) and "in use by another run" in last(proc)
     run_inprocess("main.py", "--config", a, "--resume", "auto", "--epochs", "2")  # its own run: welcome
     assert [json.loads(x)["epoch"] for x in (logs / "log.txt").read_text().splitlines()] == [0, 1]
 
